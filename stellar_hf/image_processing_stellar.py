@@ -1,0 +1,36 @@
+"""Image processors for STELLAR: the original's evaluation preprocessing, normalisation included."""
+
+from transformers.image_processing_backends import PilBackend, TorchvisionBackend
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+
+class StellarImageProcessingDefaults:
+    """
+    The original's evaluation transform: shorter side to 256 (bicubic), centre crop 224, rescale to [0, 1], then
+    ImageNet normalisation. The original normalises inside its model; here the processor does it, and the models
+    take normalised `pixel_values` of shape `(B, 3, 224, 224)`.
+    """
+
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 256}
+    default_to_square = False
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = True
+    model_input_names = ["pixel_values"]
+
+
+class StellarImageProcessor(StellarImageProcessingDefaults, PilBackend):
+    """STELLAR preprocessing on PIL / NumPy (no torchvision needed). See [`StellarImageProcessingDefaults`]."""
+
+
+class StellarImageProcessorFast(StellarImageProcessingDefaults, TorchvisionBackend):
+    """STELLAR preprocessing with torchvision, batched and on any device. See [`StellarImageProcessingDefaults`]."""
+
+
+__all__ = ["StellarImageProcessor", "StellarImageProcessorFast"]

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures: locations of the parity fixtures made by the original code."""
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# `../shared/` sits beside the repository in CI and developer checkouts, not in a user's clone.
+SHARED_PARITY = REPO_ROOT.parent / "shared" / "parity"
+
+
+def _parity_dir(name: str) -> Path:
+    path = SHARED_PARITY / name
+    if not path.is_dir():
+        pytest.skip(f"parity fixtures not found at {path} (they live in ../shared/, beside the repository)")
+    return path
+
+
+@pytest.fixture
+def stellar_parity_dir() -> Path:
+    """`../shared/parity/stellar`: the original STELLAR's checkpoint, inputs and outputs."""
+    return _parity_dir("stellar")
+
+
+@pytest.fixture
+def vqgan_parity_dir() -> Path:
+    """`../shared/parity/vqgan`: the original MaskGIT VQGAN tokenizer's checkpoint, inputs and outputs."""
+    return _parity_dir("vqgan")
