@@ -26,3 +26,15 @@ def stellar_parity_dir() -> Path:
 def vqgan_parity_dir() -> Path:
     """`../shared/parity/vqgan`: the original MaskGIT VQGAN tokenizer's checkpoint, inputs and outputs."""
     return _parity_dir("vqgan")
+
+
+def pytest_collection_modifyitems(config, items):
+    """CI (CI=true) skips tests marked `slow`; RUN_SLOW=1 runs them anyway."""
+    import os
+
+    if os.environ.get("CI", "").lower() not in ("1", "true") or os.environ.get("RUN_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow test: skipped in CI (set RUN_SLOW=1 to run it)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

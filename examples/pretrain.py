@@ -1,0 +1,568 @@
+#!/usr/bin/env python
+"""Pretrain STELLAR with Accelerate, on one CPU, one GPU, or many GPUs and nodes.
+
+    accelerate launch examples/pretrain.py                          # built-in synthetic scenes, small model
+    accelerate launch examples/pretrain.py --train_dir ~/images     # your own images (no labels needed)
+    accelerate launch examples/pretrain.py --dataset_name ILSVRC/imagenet-1k --config_name stellar-b16 ...
+
+With no arguments it trains a small STELLAR on the package's synthetic scenes (about 10 minutes on 2 CPU cores),
+then reports kNN and linear-probe accuracy on a held-out split and writes reconstruction and spatial-map PNGs to
+`--output_dir`. See docs/training.md for multi-GPU, multi-node, FSDP and DeepSpeed.
+"""
+
+import argparse
+import json
+import logging
+import math
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from stellar_hf import StellarConfig, StellarImageProcessor
+from stellar_hf.data import (
+    MultiViewTransform,
+    PretrainingDataset,
+    StreamingPretrainingDataset,
+    SyntheticScenes,
+    EvalTransform,
+    collate_views,
+    load_hub_dataset,
+    load_image_folder,
+    normalize,
+)
+from stellar_hf.evaluation import extract_features, knn_accuracy, linear_probe
+from stellar_hf.model_card import render_model_card
+from stellar_hf.modeling_stellar import StellarForPreTraining, unnormalize
+
+logger = logging.getLogger("stellar_pretrain")
+
+# A model small enough to learn the synthetic scenes on 2 CPU cores in minutes.
+SMALL_SYNTHETIC_CONFIG = dict(
+    hidden_size=192,
+    num_hidden_layers=4,
+    num_attention_heads=3,
+    intermediate_size=768,
+    image_size=64,
+    patch_size=8,
+    num_sparse_tokens=8,
+    decoder_hidden_size=128,
+    decoder_num_hidden_layers=2,
+    decoder_num_attention_heads=4,
+    decoder_intermediate_size=512,
+    reconstruction_target="pixel",
+    num_prototypes=1024,
+    prototype_dim=64,
+    predictor_hidden_size=512,
+    num_masked_views=2,
+    num_local_views=2,
+    local_image_size=32,
+)
+# Named presets for `--config_name`: the original STELLAR backbones.
+PRESETS = {
+    "stellar-small-synthetic": SMALL_SYNTHETIC_CONFIG,
+    "stellar-s16": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
+    "stellar-b16": {},
+    "stellar-l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+}
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Pretrain STELLAR with Accelerate.")
+    data = parser.add_argument_group("data (default: the built-in synthetic scenes)")
+    data.add_argument("--dataset_name", help="a datasets Hub id, a saved dataset folder or an imagefolder path")
+    data.add_argument("--dataset_config_name", help="the dataset configuration name")
+    data.add_argument("--dataset_split", default="train", help="split to pretrain on (default: train)")
+    data.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
+    data.add_argument("--train_dir", help="a folder of images (searched recursively; labels not needed)")
+    data.add_argument("--image_column_name", default="image", help="image column of --dataset_name")
+    data.add_argument("--label_column_name", default="label", help="label column, used only for logging")
+    data.add_argument("--num_synthetic_images", type=int, default=8192, help="size of the synthetic train split")
+    data.add_argument("--num_synthetic_eval_images", type=int, default=1024, help="size of the synthetic eval split")
+    data.add_argument("--probe_train_dir", help="labelled image folder (one subfolder per class) for the final probes")
+    data.add_argument("--probe_eval_dir", help="labelled image folder for the final probes' evaluation")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model_name_or_path", help="continue from a StellarForPreTraining folder or Hub id")
+    model.add_argument(
+        "--config_name",
+        help=f"a config.json folder / Hub id, or a preset: {', '.join(PRESETS)} (default: stellar-small-synthetic)",
+    )
+    model.add_argument("--config_overrides", help='comma-separated overrides, e.g. "num_sparse_tokens=16,mask_ratio=0.75"')
+    model.add_argument("--init_encoder_from", help="initialise the encoder from MAE/ViT weights (folder, Hub id or timm file)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--per_device_train_batch_size", type=int, default=64)
+    optim.add_argument("--base_learning_rate", type=float, default=1.5e-3, help="lr = base_lr * global batch / 256")
+    optim.add_argument("--weight_decay", type=float, default=0.04)
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    optim.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this long")
+    optim.add_argument("--lr_scheduler_type", default="cosine")
+    optim.add_argument("--warmup_ratio", type=float, default=0.05)
+    optim.add_argument("--max_grad_norm", type=float, default=3.0)
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
+    optim.add_argument("--seed", type=int, default=0)
+
+    run = parser.add_argument_group("checkpoints, logging and publishing")
+    run.add_argument("--output_dir", default="outputs/stellar-pretrain")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="allow writing into a non-empty folder")
+    run.add_argument("--checkpointing_steps", type=int, default=None, help="save the full training state every N steps")
+    run.add_argument("--checkpoints_total_limit", type=int, default=3, help="keep at most this many checkpoints")
+    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder, or 'latest' in --output_dir")
+    run.add_argument("--report_to", default="tensorboard", help="accelerate trackers (tensorboard, wandb, all, none)")
+    run.add_argument("--logging_steps", type=int, default=10)
+    run.add_argument("--image_logging_steps", type=int, default=None, help="PNG of reconstructions and maps every N steps")
+    run.add_argument("--skip_final_evaluation", action="store_true", help="do not run the kNN / linear probes at the end")
+    run.add_argument("--push_to_hub", action="store_true")
+    run.add_argument("--hub_model_id", help="Hub repository for --push_to_hub (default: the output folder's name)")
+    run.add_argument("--hub_token", help="Hub token (default: the logged-in user)")
+    run.add_argument("--hub_private_repo", action="store_true")
+    args = parser.parse_args(argv)
+
+    if args.dataset_name and args.train_dir:
+        parser.error("give either --dataset_name or --train_dir, not both")
+    if args.model_name_or_path and (args.config_name or args.config_overrides):
+        parser.error("--config_name / --config_overrides build a new model; they cannot change --model_name_or_path")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.streaming and args.max_train_steps is None:
+        parser.error("--streaming needs --max_train_steps (a stream has no known length)")
+    if bool(args.probe_train_dir) != bool(args.probe_eval_dir):
+        parser.error("--probe_train_dir and --probe_eval_dir go together")
+    return args
+
+
+def parse_overrides(text: str | None) -> dict:
+    """`"a=1,b=0.5,c=none,d=pixel"` -> `{"a": 1, "b": 0.5, "c": None, "d": "pixel"}`."""
+    overrides = {}
+    for item in filter(None, (part.strip() for part in (text or "").split(","))):
+        if "=" not in item:
+            raise ValueError(f"config override {item!r} is not of the form key=value")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if value.lower() in ("none", "null"):
+            overrides[key] = None
+        elif value.lower() in ("true", "false"):
+            overrides[key] = value.lower() == "true"
+        else:
+            try:
+                overrides[key] = int(value)
+            except ValueError:
+                try:
+                    overrides[key] = float(value)
+                except ValueError:
+                    overrides[key] = value
+    return overrides
+
+
+def build_model(args) -> StellarForPreTraining:
+    if args.model_name_or_path:
+        return StellarForPreTraining.from_pretrained(args.model_name_or_path)
+    name = args.config_name or "stellar-small-synthetic"
+    if name in PRESETS:
+        config = StellarConfig(**PRESETS[name])
+    else:
+        config = StellarConfig.from_pretrained(name)
+    overrides = parse_overrides(args.config_overrides)
+    unknown = [key for key in overrides if not hasattr(config, key)]
+    if unknown:
+        raise ValueError(f"--config_overrides names unknown config fields: {unknown}")
+    config = StellarConfig(**{**config.to_dict(), **overrides})
+    model = StellarForPreTraining(config)
+    if args.init_encoder_from:
+        from stellar_hf.encoder_init import load_encoder_weights
+
+        copied = load_encoder_weights(model, args.init_encoder_from)
+        logger.info("initialised %d encoder tensors from %s", len(copied), args.init_encoder_from)
+        if model.teacher is not None:
+            model.reset_teacher()
+    return model
+
+
+def build_dataset(args, config: StellarConfig):
+    """The pretraining dataset (views made on the data side) and a short description of it."""
+    transform = MultiViewTransform(
+        image_size=config.image_size,
+        num_global_views=max(config.num_masked_views, 1),
+        num_local_views=config.num_local_views,
+        local_image_size=config.local_image_size,
+    )
+    if args.train_dir:
+        source, description = load_image_folder(args.train_dir, labels=False), f"image folder {args.train_dir}"
+    elif args.dataset_name:
+        source = load_hub_dataset(
+            args.dataset_name,
+            args.dataset_config_name,
+            split=args.dataset_split,
+            streaming=args.streaming,
+            image_column=args.image_column_name,
+        )
+        description = f"{args.dataset_name} ({args.dataset_split})"
+        if args.streaming:
+            dataset = StreamingPretrainingDataset(
+                source, transform, args.image_column_name, args.label_column_name, seed=args.seed
+            )
+            return dataset, description
+    else:
+        source = SyntheticScenes(num_images=args.num_synthetic_images, image_size=config.image_size, split="train")
+        description = f"built-in synthetic scenes ({args.num_synthetic_images} images, {config.image_size} px)"
+    dataset = PretrainingDataset(source, transform, args.image_column_name, args.label_column_name, seed=args.seed)
+    return dataset, description
+
+
+def no_decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (1-D or token tensors)."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or name.endswith(("cls_token", "position_embeddings", "sparse_tokens")):
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def masking_generator(seed: int, step: int, process_index: int) -> torch.Generator:
+    """A generator for one micro-step's masks: a pure function of (seed, step, rank), so resumed runs repeat them."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + process_index) % (2**63))
+
+
+def sorted_checkpoints(output_dir: Path) -> list[Path]:
+    found = [(int(match.group(1)), path) for path in output_dir.glob("checkpoint-*") if (match := CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> None:
+    """Save the full training state to `checkpoint-{step}` and drop the oldest beyond `limit`."""
+    path = output_dir / f"checkpoint-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / "training_step.json").write_text(json.dumps({"completed_steps": step}))
+        if limit:
+            for old in sorted_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def resolve_resume_path(args, output_dir: Path) -> Path | None:
+    if not args.resume_from_checkpoint:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = sorted_checkpoints(output_dir)
+        if not checkpoints:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
+        return checkpoints[-1]
+    path = Path(args.resume_from_checkpoint)
+    if not (path / "training_step.json").is_file():
+        raise ValueError(f"{path} is not a checkpoint written by this script (no training_step.json)")
+    return path
+
+
+def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
+    """Normalise the data pipeline's [0, 1] views with the config's statistics."""
+    inputs = {"pixel_values": normalize(batch["pixel_values"], config.image_mean, config.image_std)}
+    for key in ("global_views", "local_views"):
+        if key in batch:
+            inputs[key] = normalize(batch[key], config.image_mean, config.image_std)
+    return inputs
+
+
+@torch.no_grad()
+def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
+    """Reconstructions and every sparse token's spatial map for a few images, as PNGs (and to tensorboard)."""
+    from stellar_hf.visualization import reconstruction_grid, spatial_map_grid
+
+    unwrapped = accelerator.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    pixel_values = normalize(batch["pixel_values"][:8], config.image_mean, config.image_std).to(accelerator.device)
+    outputs = unwrapped.stellar(pixel_values)
+    grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
+    images = unnormalize(pixel_values, config).float().cpu()
+    panels = {"spatial_maps": spatial_map_grid(images, outputs.spatial_map.float().cpu(), grid)}
+    if config.reconstruction_target == "pixel":
+        reconstruction = unwrapped.decode_tokens(unwrapped.decoder(outputs.lowrank_features, grid), grid)
+        panels["reconstructions"] = reconstruction_grid(images, reconstruction.float().cpu())
+    unwrapped.train(was_training)
+    image_dir = output_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, panel in panels.items():
+        path = image_dir / f"{name}_{tag}.png"
+        panel.save(path)
+        written.append(path)
+        try:
+            tracker = accelerator.get_tracker("tensorboard", unwrap=True)
+            import numpy as np
+
+            tracker.add_image(name, np.asarray(panel), global_step=int(tag) if tag.isdigit() else 0, dataformats="HWC")
+        except (ValueError, AttributeError, ImportError):
+            pass  # no tensorboard tracker in this run
+    return written
+
+
+def probe_datasets(args, config: StellarConfig):
+    """Labelled (train, eval) datasets for the final kNN / linear probes, or None when there are none."""
+    transform = EvalTransform(config.image_size, resize_size=config.image_size)
+    if args.probe_train_dir:
+        train = load_image_folder(args.probe_train_dir, labels=True)
+        evaluation = load_image_folder(args.probe_eval_dir, labels=True)
+        if train.class_names != evaluation.class_names:
+            raise ValueError("--probe_train_dir and --probe_eval_dir must have the same class subfolders")
+    elif not args.train_dir and not args.dataset_name:
+        train = SyntheticScenes(num_images=min(args.num_synthetic_images, 2048), image_size=config.image_size, split="train")
+        evaluation = SyntheticScenes(num_images=args.num_synthetic_eval_images, image_size=config.image_size, split="validation")
+    else:
+        return None
+
+    def collate(items):
+        return {
+            "pixel_values": normalize(torch.stack([transform(item["image"]) for item in items]), config.image_mean, config.image_std),
+            "labels": torch.tensor([int(item["label"]) for item in items]),
+        }
+
+    return (
+        DataLoader(train, batch_size=128, collate_fn=collate),
+        DataLoader(evaluation, batch_size=128, collate_fn=collate),
+    )
+
+
+def run_probes(model, args, config, accelerator) -> dict | None:
+    loaders = probe_datasets(args, config)
+    if loaders is None:
+        return None
+    encoder = accelerator.unwrap_model(model).stellar
+    train_features, train_labels = extract_features(encoder, loaders[0], device=accelerator.device, progress=True)
+    eval_features, eval_labels = extract_features(encoder, loaders[1], device=accelerator.device, progress=True)
+    num_classes = int(torch.cat([train_labels, eval_labels]).max()) + 1
+    knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, num_classes=num_classes)
+    probe = linear_probe(train_features, train_labels, eval_features, eval_labels, num_classes=num_classes, epochs=30)
+    return {
+        "knn_top1": knn["top1"],
+        "linear_probe_top1": probe["top1"],
+        "chance": 1.0 / num_classes,
+        "num_probe_train_images": len(train_labels),
+        "num_probe_eval_images": len(eval_labels),
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    resuming = args.resume_from_checkpoint is not None
+    project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    final_weights = output_dir / "model.safetensors"
+    if final_weights.exists() and not (resuming or args.overwrite_output_dir):
+        raise SystemExit(
+            f"error: {output_dir} already holds a trained model; pass --overwrite_output_dir or another --output_dir"
+        )
+    set_seed(args.seed)
+
+    model = build_model(args)
+    config = model.config
+    dataset, data_description = build_dataset(args, config)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=not args.streaming,
+        collate_fn=collate_views,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
+    )
+    if not args.streaming and len(loader) == 0:
+        raise SystemExit(
+            f"error: {len(dataset)} images make no full batch of {args.per_device_train_batch_size} per device"
+        )
+    global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.base_learning_rate * global_batch / 256
+    optimizer = torch.optim.AdamW(
+        no_decay_parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2)
+    )
+    if args.max_train_steps is None:
+        steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    scheduler = get_scheduler(
+        args.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=int(args.warmup_ratio * args.max_train_steps),
+        num_training_steps=args.max_train_steps,
+    )
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.report_to != "none":
+        tracked = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
+        accelerator.init_trackers("stellar_pretrain", config=tracked)
+
+    completed_steps, start_epoch, skip_batches = 0, 0, 0
+    resume_path = resolve_resume_path(args, output_dir)
+    if resume_path is not None:
+        accelerator.load_state(str(resume_path))
+        completed_steps = json.loads((resume_path / "training_step.json").read_text())["completed_steps"]
+        if not args.streaming:
+            batches_per_epoch = len(loader)
+            micro_steps = completed_steps * args.gradient_accumulation_steps
+            start_epoch, skip_batches = divmod(micro_steps, batches_per_epoch)
+        logger.info("resumed from %s at step %d", resume_path, completed_steps)
+
+    logger.info(
+        "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es)",
+        data_description, args.max_train_steps, global_batch, learning_rate, accelerator.num_processes,
+    )  # fmt: skip
+    from tqdm.auto import tqdm
+
+    progress = tqdm(
+        total=args.max_train_steps, initial=completed_steps, disable=not accelerator.is_local_main_process, desc="pretrain"
+    )
+    unwrapped = accelerator.unwrap_model(model)
+    image_every = args.image_logging_steps or max(args.max_train_steps // 4, 1)
+    started = time.monotonic()
+    last_batch, stop_reason = None, None
+    epoch = start_epoch
+    model.train()
+    while completed_steps < args.max_train_steps and stop_reason is None:
+        dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
+        skip_batches = 0
+        for batch in epoch_loader:
+            micro_step = completed_steps * args.gradient_accumulation_steps
+            with accelerator.accumulate(model):
+                outputs = model(
+                    **to_model_inputs(batch, config),
+                    generator=masking_generator(args.seed, micro_step, accelerator.process_index),
+                )
+                finite = torch.isfinite(outputs.loss.detach()).float()
+                if accelerator.gather(finite.reshape(1)).min() < 1:
+                    stop_reason = (
+                        f"the loss became NaN or infinite at step {completed_steps + 1}; stopping without saving "
+                        "this state (the last checkpoint is the last good one). Lower --base_learning_rate, "
+                        "use bf16 instead of fp16, or check the data."
+                    )
+                    break
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            last_batch = batch
+            if not accelerator.sync_gradients:
+                continue
+            if unwrapped.teacher is not None:
+                unwrapped.update_teacher(unwrapped.teacher_momentum(completed_steps, args.max_train_steps))
+            completed_steps += 1
+            progress.update(1)
+            parts = {
+                name: getattr(outputs, name).item()
+                for name in ("loss", "reconstruction_loss", "clustering_loss", "mask_loss", "cls_loss", "koleo_loss")
+            }
+            progress.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in parts.items()})
+            if completed_steps % args.logging_steps == 0 and args.report_to != "none":
+                accelerator.log({**parts, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+            if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, output_dir, completed_steps, args.checkpoints_total_limit)
+            if completed_steps % image_every == 0 and accelerator.is_main_process:
+                save_images(model, batch, config, output_dir, f"{completed_steps:06d}", accelerator)
+            if args.max_train_minutes and (time.monotonic() - started) / 60 > args.max_train_minutes:
+                stop_reason = f"--max_train_minutes {args.max_train_minutes} reached at step {completed_steps}"
+            if completed_steps >= args.max_train_steps or stop_reason:
+                break
+        epoch += 1
+    progress.close()
+
+    if stop_reason and stop_reason.startswith("the loss"):
+        accelerator.end_training()
+        logger.error(stop_reason)
+        print(f"error: {stop_reason}", file=sys.stderr)
+        return 1
+    if stop_reason:
+        logger.info(stop_reason)
+
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    results = None if args.skip_final_evaluation else run_probes(model, args, config, accelerator)
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
+        crop = config.image_size
+        StellarImageProcessor(
+            size={"shortest_edge": crop * 256 // 224}, crop_size={"height": crop, "width": crop}
+        ).save_pretrained(output_dir)
+        if last_batch is not None:
+            save_images(model, last_batch, config, output_dir, "final", accelerator)
+        summary = {
+            "completed_steps": completed_steps,
+            "data": data_description,
+            "global_batch_size": global_batch,
+            "learning_rate": learning_rate,
+            "minutes": round((time.monotonic() - started) / 60, 2),
+            **(results or {}),
+        }
+        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
+        card_results = []
+        if results:
+            dataset_name = "synthetic scenes" if not (args.probe_train_dir or args.train_dir) else "probe images"
+            card_results = [
+                dict(task="image-classification", dataset=dataset_name, split="validation", metric="knn-top1", value=results["knn_top1"]),
+                dict(task="image-classification", dataset=dataset_name, split="validation", metric="linear-probe-top1", value=results["linear_probe_top1"]),
+            ]  # fmt: skip
+        details = (
+            f"Pretrained with `examples/pretrain.py` on {data_description} for {completed_steps} steps, global batch "
+            f"{global_batch}, AdamW lr {learning_rate:.3g} (base {args.base_learning_rate} x batch / 256), weight "
+            f"decay {args.weight_decay}, {args.lr_scheduler_type} schedule with {args.warmup_ratio:.0%} warmup, "
+            f"gradient clipping {args.max_grad_norm}, seed {args.seed}, {accelerator.num_processes} process(es), "
+            f"mixed precision {accelerator.mixed_precision}."
+        )
+        (output_dir / "README.md").write_text(
+            render_model_card(
+                config,
+                training_details=details,
+                model_id=args.hub_model_id or output_dir.name,
+                base_model=args.init_encoder_from,
+                results=card_results,
+            )
+        )
+        print(json.dumps(summary))
+        if args.push_to_hub:
+            from huggingface_hub import HfApi
+
+            repo_id = args.hub_model_id or output_dir.name
+            api = HfApi(token=args.hub_token)
+            api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=str(output_dir),
+                commit_message=f"STELLAR pretraining, step {completed_steps}",
+                ignore_patterns=["checkpoint-*", "logs/*"],
+            )
+    accelerator.end_training()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

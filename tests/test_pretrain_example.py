@@ -1,0 +1,145 @@
+"""`examples/pretrain.py` end to end on tiny models and data: outputs, resume, NaN handling, bad data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
+TINY_OVERRIDES = ",".join(
+    [
+        "hidden_size=32",
+        "num_hidden_layers=1",
+        "num_attention_heads=2",
+        "intermediate_size=64",
+        "image_size=32",
+        "patch_size=8",
+        "num_sparse_tokens=4",
+        "decoder_hidden_size=16",
+        "decoder_num_hidden_layers=1",
+        "decoder_num_attention_heads=2",
+        "decoder_intermediate_size=32",
+        "num_prototypes=32",
+        "prototype_dim=8",
+        "predictor_hidden_size=32",
+        "num_masked_views=2",
+        "num_local_views=2",
+        "local_image_size=16",
+    ]
+)
+
+
+def run_pretrain(output_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Run the script in a fresh process (Accelerate's state is per process)."""
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--output_dir", str(output_dir),
+        "--config_overrides", TINY_OVERRIDES,
+        "--num_synthetic_images", "32",
+        "--num_synthetic_eval_images", "16",
+        "--per_device_train_batch_size", "4",
+        "--report_to", "none",
+        "--seed", "3",
+        *extra,
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pretrain.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def test_few_steps_end_to_end(tmp_path):
+    output_dir = tmp_path / "run"
+    result = run_pretrain(output_dir, "--max_train_steps", "3", "--image_logging_steps", "2", "--report_to", "tensorboard")
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "results.json"):
+        assert (output_dir / name).is_file(), name
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["completed_steps"] == 3
+    assert 0.0 <= results["knn_top1"] <= 1.0 and 0.0 <= results["linear_probe_top1"] <= 1.0
+    assert json.loads(result.stdout.strip().splitlines()[-1])["completed_steps"] == 3
+    images = sorted(path.name for path in (output_dir / "images").glob("*.png"))
+    assert "spatial_maps_000002.png" in images and "reconstructions_final.png" in images
+    assert list((output_dir / "logs").rglob("events.out.tfevents*")), "no tensorboard events written"
+    card = (output_dir / "README.md").read_text()
+    assert "synthetic scenes" in card and "{{" not in card
+
+    from stellar_hf import StellarConfig
+    from stellar_hf.modeling_stellar import StellarForPreTraining
+
+    model = StellarForPreTraining.from_pretrained(output_dir)
+    assert model.config.hidden_size == 32 and isinstance(model.config, StellarConfig)
+    saved = load_file(output_dir / "model.safetensors")
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+
+
+def test_resumed_run_matches_uninterrupted_run(tmp_path):
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    # 32 images / batch 4 = 8 batches per epoch, so step 6 of 10 resumes mid-epoch and the run crosses an epoch.
+    common = ("--max_train_steps", "10", "--checkpointing_steps", "6", "--skip_final_evaluation")
+    run_pretrain(uninterrupted, *common)
+    checkpoint = uninterrupted / "checkpoint-6"
+    assert (checkpoint / "training_step.json").is_file()
+    run_pretrain(resumed, *common, "--resume_from_checkpoint", str(checkpoint))
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    output_dir = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update, so step 2's loss is not finite.
+    result = run_pretrain(
+        output_dir, "--max_train_steps", "5", "--checkpointing_steps", "1", "--base_learning_rate", "1e32",
+        "--warmup_ratio", "0", "--max_grad_norm", "0", check=False,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "NaN or infinite" in result.stderr
+    checkpoints = sorted(path.name for path in output_dir.glob("checkpoint-*"))
+    assert checkpoints, "the last good checkpoint was not kept"
+    assert not (output_dir / "model.safetensors").exists()
+
+
+def test_image_folder_with_unreadable_files(tmp_path):
+    images = tmp_path / "images"
+    (images / "nested").mkdir(parents=True)
+    for index in range(6):
+        color = (index * 40, 255 - index * 40, 128)
+        Image.new("RGB", (40, 36), color).save(images / f"rgb_{index}.png")
+    Image.new("L", (36, 36), 90).save(images / "nested" / "gray.png")
+    Image.new("RGBA", (36, 44), (10, 200, 30, 100)).save(images / "nested" / "rgba.png")
+    (images / "broken.jpg").write_bytes(b"not an image at all")
+    output_dir = tmp_path / "run"
+    result = run_pretrain(output_dir, "--train_dir", str(images), "--max_train_steps", "2")
+    assert "skipping unreadable image" in result.stderr and "broken.jpg" in result.stderr
+    assert (output_dir / "model.safetensors").is_file()
+    assert "knn_top1" not in json.loads((output_dir / "results.json").read_text())
+
+
+def test_empty_folder_and_bad_arguments_are_clear_errors(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_pretrain(tmp_path / "run", "--train_dir", str(empty), "--max_train_steps", "1", check=False)
+    assert result.returncode != 0 and "no image files" in result.stderr
+    result = run_pretrain(tmp_path / "run", "--config_overrides", "not_a_field=3", "--max_train_steps", "1", check=False)
+    assert result.returncode != 0 and "not_a_field" in result.stderr
+
+
+def test_refuses_to_overwrite_a_trained_model(tmp_path):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "model.safetensors").write_bytes(b"precious")
+    result = run_pretrain(output_dir, "--max_train_steps", "1", "--skip_final_evaluation", check=False)
+    assert result.returncode != 0 and "already holds a trained model" in result.stderr
+    assert (output_dir / "model.safetensors").read_bytes() == b"precious"
