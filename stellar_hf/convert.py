@@ -2,19 +2,22 @@
 
     python -m stellar_hf.convert --checkpoint stellar-b16.safetensors --output_dir stellar-b16-hf
 
-Reads a PyTorch Lightning `.ckpt` (`{"state_dict": {"model.<name>": tensor}}`) or a `.safetensors` / `.bin` / `.pt`
-state dict with or without the `model.` prefix, never executing pickled code. Every size is inferred from tensor
-shapes; the only free choices are the head counts and the spatial temperature. Names are mapped with one key table,
-loaded strictly, saved with `save_pretrained`, reloaded, and the reloaded outputs compared with the converted model.
-Not imported by `stellar_hf/__init__.py`.
+Reads a PyTorch Lightning `.ckpt` (`{"state_dict": {"model.<name>": tensor}, ...}`) or a `.safetensors` / `.bin` /
+`.pt` state dict with or without the `model.` prefix, never executing pickled code. Every size is inferred from tensor
+shapes; the only free choices are the head counts and the spatial temperature, which the weights do not record. Names
+are mapped with one key table, loaded strictly, saved with `save_pretrained`, reloaded, and the reloaded outputs
+compared with the converted model before the command exits. Not imported by `stellar_hf/__init__.py`.
 """
 
 import argparse
 import logging
 import math
+import pickle
 import re
+import struct
 import sys
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -30,17 +33,32 @@ from .modeling_stellar import (
 
 logger = logging.getLogger(__name__)
 
-# Keys the original saves but never uses in its forward pass, and the EMA teacher copies (re-made from the student
-# when a run enables the teacher).
-DROPPED_KEY_PATTERNS = [
-    r"^encoder\.pooler\.",
-    r"^decoder\.embeddings\.",
-    r"^decoder\.pooler\.",
-    r"^teacher_",
+__all__ = [
+    "CheckpointError",
+    "convert_checkpoint",
+    "convert_state_dict",
+    "infer_config",
+    "load_original_state_dict",
+    "main",
+    "model_outputs",
+    "read_state_dict",
+    "rename_block_key",
+    "rename_key",
 ]
 
-# Transformer block names inside a transformers `ViTModel`: 4.x names first, 5.x names second.
-_BLOCK_TABLE = [
+# Keys the original saves but never reads in its forward pass, and the copies it keeps of other models. Each pattern
+# comes with the reason reported to the user.
+DROPPED_KEY_PATTERNS = {
+    r"^encoder\.pooler\.": "the encoder's pooler (unused)",
+    r"^decoder\.embeddings\.": "the decoder's patch embedding, CLS and positions (unused)",
+    r"^decoder\.pooler\.": "the decoder's pooler (unused)",
+    r"^teacher_": "the EMA teacher (re-made from the student when a run enables it)",
+    r"^tokenizer\.": "the frozen MaskGIT VQGAN (convert it with `python -m stellar_hf.convert_vqgan`)",
+}
+
+# Transformer block names inside a transformers `ViTModel` layer: 4.x names first, 5.x names second. Also used by
+# `stellar_hf.encoder_init` for MAE / ViT backbones.
+BLOCK_KEY_TABLE = [
     (r"attention\.attention\.query\.", "attention.q_proj."),
     (r"attention\.attention\.key\.", "attention.k_proj."),
     (r"attention\.attention\.value\.", "attention.v_proj."),
@@ -56,6 +74,8 @@ _BLOCK_TABLE = [
     (r"layernorm_before\.", "layernorm_before."),
     (r"layernorm_after\.", "layernorm_after."),
 ]
+# A layer inside a transformers `ViTModel`: `encoder.layer.{i}.` (4.x) or `layers.{i}.` (5.x).
+VIT_LAYER_PATTERN = r"(?:encoder\.layer|layers)\.(\d+)\."
 
 # (original name pattern, our name). Patterns are matched in order against the name without `model.`.
 KEY_TABLE = [
@@ -70,174 +90,426 @@ KEY_TABLE = [
     (r"^decoder\.layernorm\.", "decoder.transformer.layernorm."),
     (r"^reconstruction_head\.", "reconstruction_head."),
     (r"^clustering_head\.layer\.weight$", "sparse_clustering_head.prototypes.weight"),
+    # A single-Linear predictor is saved without an index; ours is always a Sequential.
     (r"^clustering_head\.predictor\.layers\.(weight|bias)$", r"sparse_clustering_head.predictor.0.\1"),
     (r"^clustering_head\.predictor\.layers\.(\d+)\.", r"sparse_clustering_head.predictor.\1."),
     (r"^cls_cluster_head\.layer\.weight$", "cls_clustering_head.prototypes.weight"),
     (r"^cls_cluster_head\.predictor\.layers\.(weight|bias)$", r"cls_clustering_head.predictor.0.\1"),
     (r"^cls_cluster_head\.predictor\.layers\.(\d+)\.", r"cls_clustering_head.predictor.\1."),
 ]
-# Encoder and decoder blocks: `encoder.encoder.layer.{i}.` (4.x) or `encoder.layers.{i}.` (5.x).
+# Encoder and decoder layers (the original's encoder and decoder are both transformers `ViTModel`s).
 _LAYER_PREFIXES = [
-    (r"^encoder\.(?:encoder\.layer|layers)\.(\d+)\.", "stellar.encoder.layers.{}."),
-    (r"^decoder\.(?:encoder\.layer|layers)\.(\d+)\.", "decoder.transformer.layers.{}."),
+    (rf"^encoder\.{VIT_LAYER_PATTERN}", "stellar.encoder.layers.{}."),
+    (rf"^decoder\.{VIT_LAYER_PATTERN}", "decoder.transformer.layers.{}."),
 ]
+# Keys every original checkpoint has; the rest is optional (decoder, heads).
+REQUIRED_KEYS = (
+    "sparse_tokens",
+    "encoder.embeddings.cls_token",
+    "encoder.embeddings.position_embeddings",
+    "encoder.embeddings.patch_embeddings.projection.weight",
+    "encoder.layernorm.weight",
+    "dense_proj.weight",
+    "sparse_proj.weight",
+)
+# Head counts are not recorded in the weights (q, k and v are d x d). Standard ViT widths use d / 64 heads, except
+# ViT-H (1280: 16 heads of 80, the backbone of STELLAR-H16), ViT-g (1408) and ViT-G (1664).
+NON_STANDARD_NUM_HEADS = {1280: 16, 1408: 16, 1664: 16}
+# The original hard-codes an 8-head decoder.
+DEFAULT_DECODER_NUM_HEADS = 8
+# Containers that training code wraps a state dict in: Lightning / timm (`state_dict`), MAE (`model`), DDP (`module`).
+WRAPPER_KEYS = ("state_dict", "model", "module")
 
 
 class CheckpointError(ValueError):
-    """The file is not a STELLAR checkpoint we can read; the message says why."""
+    """The file is not a checkpoint we can read or convert; the message says why."""
+
+
+def default_num_attention_heads(hidden_size: int) -> int:
+    """Encoder heads for a width when the user gives none: 16 for ViT-H/g/G, otherwise `hidden_size / 64`."""
+    return NON_STANDARD_NUM_HEADS.get(hidden_size, max(hidden_size // 64, 1))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading files
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class _OpaqueObject:
+    """
+    Stands in for an object of a class `torch.load(weights_only=True)` may not build (hyper-parameters, OmegaConf
+    configs, paths in a Lightning checkpoint). It runs no code from the file and keeps none of its state.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __repr__(self) -> str:
+        return "<object not unpickled>"
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with a little-endian u64 header length followed by a JSON object."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9:
+        return False
+    (header_length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_length < path.stat().st_size
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """
+    Verify the CRC of every member of a `torch.save` zip archive. `torch.load` does not, so without this a damaged
+    download would be converted into wrong weights instead of being reported.
+    """
+    if not zipfile.is_zipfile(path):
+        return  # a legacy `torch.save` file, or not a checkpoint at all: `torch.load` decides
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:
+        raise CheckpointError(f"{path} is a damaged archive: corrupt or truncated ({error})") from error
+    if damaged is not None:
+        raise CheckpointError(f"{path} is corrupt: `{damaged}` fails its checksum (re-download the file)")
+
+
+def _torch_load(path: Path) -> object:
+    """
+    `torch.load(weights_only=True)`. When the file also holds objects that loader refuses (a Lightning checkpoint's
+    hyper-parameters, callbacks' state), they are replaced by inert placeholders, so the tensors still load without
+    executing anything from the file; modules the safe loader blocks outright (`os`, `sys`) stay refused.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # a refused object, or bytes that are no pickle at all
+        first_error = error
+    except Exception as error:  # damaged files raise anything from EOFError to IndexError inside the unpickler
+        raise CheckpointError(
+            f"{path} is corrupt, truncated or not a PyTorch checkpoint ({type(error).__name__}: {error})"
+        ) from error
+    try:
+        unsafe_globals = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: random bytes, a plain pickle, a legacy file with foreign objects
+        unsafe_globals = []
+    if not unsafe_globals:
+        reason = str(first_error).strip().splitlines()[-1]
+        raise CheckpointError(
+            f"{path} is corrupt, truncated or not a PyTorch checkpoint of plain tensors ({reason})"
+        ) from first_error
+    placeholders = [(_OpaqueObject, name) for name in unsafe_globals]
+    try:
+        with torch.serialization.safe_globals(placeholders):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"{path} holds objects that cannot be read without executing code from the file "
+            f"({', '.join(unsafe_globals)}); refusing to unpickle it. If you trust the file, extract its state dict "
+            "with `torch.save(torch.load(path, weights_only=False)['state_dict'], 'weights.pt')` and convert that."
+        ) from error
+    logger.info("ignored objects of these classes in %s (not tensors): %s", path, ", ".join(unsafe_globals))
+    return checkpoint
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Read a state dict from a `.safetensors` file or a `torch.save`d file without executing pickled code.
+
+    Unwraps training checkpoints (`{"state_dict": ...}` from Lightning and timm, `{"model": ...}` from MAE,
+    `{"module": ...}`); keeps names as they are. Raises `CheckpointError` for missing, corrupt, truncated or foreign
+    files and for anything that is not a non-empty mapping of names to tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        from safetensors.torch import load_file
+
+        try:
+            checkpoint = load_file(str(path))
+        except Exception as error:  # safetensors raises several error types for damaged headers and data
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file: corrupt or truncated ({error})"
+            ) from error
+    else:
+        _check_zip_checksums(path)
+        checkpoint = _torch_load(path)
+    if isinstance(checkpoint, Mapping) and not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        for key in WRAPPER_KEYS:
+            if isinstance(checkpoint.get(key), Mapping):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"{path} holds a {type(checkpoint).__name__}, not a state dict of named tensors")
+    if not checkpoint:
+        raise CheckpointError(f"{path} holds an empty state dict")
+    foreign = [str(name) for name, value in checkpoint.items() if not isinstance(value, torch.Tensor)]
+    if foreign or not all(isinstance(name, str) for name in checkpoint):
+        raise CheckpointError(
+            f"{path} is not a model state dict: {len(foreign)} entries are not tensors, e.g. {foreign[:5]}"
+        )
+    return dict(checkpoint)
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in ("model.", "module."):
+        if name.startswith(prefix):
+            return name[len(prefix) :]
+    return name
+
+
+def _foreign_hint(state_dict: Mapping[str, torch.Tensor]) -> str:
+    names = list(state_dict)
+    if any(name.startswith("stellar.") for name in names):
+        return " It looks like an already converted stellar_hf model: load its folder with `from_pretrained`."
+    if any(re.search(r"(patch_embed\.proj|patch_embeddings\.projection)\.weight$", name) for name in names):
+        return (
+            " It looks like a ViT / MAE backbone: initialise a STELLAR encoder from it with "
+            "`stellar_hf.encoder_init.load_encoder_weights`."
+        )
+    return f" Its first keys are {names[:5]}."
+
+
+def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Read an original STELLAR checkpoint without executing pickled code; returns names without the `model.` prefix.
+
+    Accepts a Lightning `.ckpt`, a plain `torch.save`d state dict, or `.safetensors`. Raises `CheckpointError` for
+    missing, corrupt, truncated or foreign files.
+    """
+    state_dict = {_strip_prefix(name): tensor for name, tensor in read_state_dict(path).items()}
+    if "sparse_tokens" not in state_dict:
+        raise CheckpointError(
+            f"{path} has no `sparse_tokens`: it is not a STELLAR checkpoint." + _foreign_hint(state_dict)
+        )
+    missing = [name for name in REQUIRED_KEYS if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete STELLAR checkpoint: missing {missing}")
+    kept = {name: tensor for name, tensor in state_dict.items() if dropped_reason(name) is None}
+    not_float = [name for name, tensor in kept.items() if not tensor.is_floating_point()]
+    if not_float:
+        raise CheckpointError(f"{path} has non floating point tensors: {not_float[:10]}")
+    not_finite = [name for name, tensor in kept.items() if not bool(tensor.isfinite().all())]
+    if not_finite:
+        raise CheckpointError(f"{path} has NaN or infinite values in {not_finite[:10]}")
+    return state_dict
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Names
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def rename_block_key(name: str) -> str:
+    """
+    Our name inside a transformer layer for a transformers `ViTModel` one (4.x or 5.x), e.g.
+    `attention.attention.query.weight` -> `attention.q_proj.weight`. Raises `CheckpointError` for unknown names.
+    """
+    for pattern, target in BLOCK_KEY_TABLE:
+        match = re.match(pattern, name)
+        if match:
+            return target + name[match.end() :]
+    raise CheckpointError(f"unknown transformer layer key {name!r}")
+
+
+def dropped_reason(name: str) -> str | None:
+    """Why an original key is not converted, or `None` when it is."""
+    for pattern, reason in DROPPED_KEY_PATTERNS.items():
+        if re.search(pattern, name):
+            return reason
+    return None
 
 
 def rename_key(name: str) -> str | None:
     """Our parameter name for an original one, or `None` for a key we drop. Unknown keys raise `CheckpointError`."""
-    if any(re.search(pattern, name) for pattern in DROPPED_KEY_PATTERNS):
+    if dropped_reason(name) is not None:
         return None
     for prefix_pattern, target in _LAYER_PREFIXES:
         match = re.match(prefix_pattern, name)
         if match:
-            rest = name[match.end() :]
-            for block_pattern, block_target in _BLOCK_TABLE:
-                if re.match(block_pattern, rest):
-                    return target.format(match.group(1)) + block_target + rest[re.match(block_pattern, rest).end() :]
-            raise CheckpointError(f"unknown transformer block key {name!r}")
+            try:
+                return target.format(match.group(1)) + rename_block_key(name[match.end() :])
+            except CheckpointError:
+                raise CheckpointError(f"unknown transformer layer key {name!r}") from None
     for pattern, target in KEY_TABLE:
         if re.search(pattern, name):
             return re.sub(pattern, target, name)
     raise CheckpointError(f"unknown key {name!r}: not part of a STELLAR checkpoint")
 
 
-def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """
-    Read an original checkpoint without executing pickled code.
-
-    Accepts a Lightning `.ckpt` (`{"state_dict": ...}`), a plain `torch.save`d state dict, or `.safetensors`; strips
-    the `model.` prefix. Raises `CheckpointError` for missing, corrupt, truncated or foreign files.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename an original state dict to ours. Returns the converted dict and the original keys that were dropped."""
+    converted, dropped, unknown = {}, [], []
+    for name, tensor in state_dict.items():
         try:
-            state_dict = load_file(str(path))
-        except Exception as error:  # safetensors raises several error types for damaged headers
-            raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from error
-    else:
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
-            raise CheckpointError(f"{path} is corrupt or truncated ({error})") from error
-        except Exception as error:  # the unpickler refusing a non-tensor object
-            raise CheckpointError(f"{path} holds objects other than tensors; refusing to unpickle it ({error})") from error
-    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
-        state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, dict) or not state_dict:
-        raise CheckpointError(f"{path} does not hold a state dict")
-    if not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise CheckpointError(f"{path} holds non-tensor entries; it is not a model state dict")
-    state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
-    if "sparse_tokens" not in state_dict:
-        raise CheckpointError(f"{path} has no `sparse_tokens`: it is not a STELLAR checkpoint")
-    return state_dict
+            new_name = rename_key(name)
+        except CheckpointError:
+            unknown.append(name)
+            continue
+        if new_name is None:
+            dropped.append(name)
+        else:
+            converted[new_name] = tensor.contiguous()
+    if unknown:
+        raise CheckpointError(f"keys that are not part of a STELLAR checkpoint: {unknown}")
+    return converted, dropped
 
 
-def _count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
-    pattern = re.compile(rf"^{prefix}\.(?:encoder\.layer|layers)\.(\d+)\.")
-    indices = {int(match.group(1)) for name in state_dict if (match := pattern.match(name))}
-    return max(indices) + 1 if indices else 0
+# ----------------------------------------------------------------------------------------------------------------------
+# Config inference
+# ----------------------------------------------------------------------------------------------------------------------
 
 
-def _layer_tensor(state_dict: dict[str, torch.Tensor], prefix: str, names: tuple[str, ...]) -> torch.Tensor:
+def _layer_indices(state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[int]:
+    pattern = re.compile(rf"^{prefix}\.{VIT_LAYER_PATTERN}")
+    return sorted({int(match.group(1)) for name in state_dict if (match := pattern.match(name))})
+
+
+def _count_layers(state_dict: Mapping[str, torch.Tensor], prefix: str) -> int:
+    indices = _layer_indices(state_dict, prefix)
+    if indices != list(range(len(indices))):
+        raise CheckpointError(f"the {prefix}'s layers are not numbered 0..n-1: found {indices}")
+    return len(indices)
+
+
+def _layer_tensor(state_dict: Mapping[str, torch.Tensor], prefix: str, names: tuple[str, ...]) -> torch.Tensor | None:
     for name in names:
         for layer_prefix in (f"{prefix}.encoder.layer.0.", f"{prefix}.layers.0."):
             if layer_prefix + name in state_dict:
                 return state_dict[layer_prefix + name]
-    raise CheckpointError(f"no {prefix} layer weight among {names}")
+    return None
 
 
-def _predictor_shape(state_dict: dict[str, torch.Tensor], head: str) -> tuple[int, int | None]:
-    """Number of Linear layers in a clustering predictor and its hidden width."""
+def _predictor_shape(state_dict: Mapping[str, torch.Tensor], head: str) -> tuple[int, int | None]:
+    """Number of Linear layers in a clustering predictor and its hidden width (`None` for a single Linear)."""
     if f"{head}.predictor.layers.weight" in state_dict:
         return 1, None
     pattern = re.compile(rf"^{head}\.predictor\.layers\.(\d+)\.weight$")
     indices = sorted(int(match.group(1)) for name in state_dict if (match := pattern.match(name)))
     if not indices:
         raise CheckpointError(f"{head} has no predictor weights")
-    return len(indices), state_dict[f"{head}.predictor.layers.{indices[0]}.weight"].shape[0]
+    # Linear layers sit at 0, 2, 4, ... with GELUs between them.
+    if indices != list(range(0, 2 * len(indices), 2)):
+        raise CheckpointError(f"{head}'s predictor Linear layers are expected at 0, 2, 4, ...; found {indices}")
+    hidden_sizes = {state_dict[f"{head}.predictor.layers.{index}.weight"].shape[0] for index in indices[:-1]}
+    if len(hidden_sizes) > 1:
+        raise CheckpointError(f"{head}'s predictor has hidden layers of different widths {sorted(hidden_sizes)}")
+    return len(indices), (hidden_sizes.pop() if hidden_sizes else None)
+
+
+def _has_qkv_bias(state_dict: Mapping[str, torch.Tensor], prefix: str) -> bool:
+    return _layer_tensor(state_dict, prefix, ("attention.attention.query.bias", "attention.q_proj.bias")) is not None
 
 
 def infer_config(
     state_dict: dict[str, torch.Tensor],
     num_attention_heads: int | None = None,
-    decoder_num_attention_heads: int = 8,
+    decoder_num_attention_heads: int | None = None,
     spatial_temperature: float | None = 0.06,
 ) -> StellarConfig:
-    """Build the `StellarConfig` of an original state dict (names without `model.`) from its tensor shapes."""
+    """
+    Build the `StellarConfig` of an original state dict (names without `model.`) from its tensor shapes.
+
+    Heads default to `default_num_attention_heads(width)` for the encoder and 8 for the decoder (what the original
+    hard-codes); the spatial temperature is not in the weights either (the original's default is 0.06).
+    """
+    missing = [name for name in REQUIRED_KEYS if name not in state_dict]
+    if missing:
+        raise CheckpointError(f"incomplete STELLAR checkpoint: missing {missing}")
     num_sparse_tokens, hidden_size = state_dict["sparse_tokens"].shape
     projection = state_dict["encoder.embeddings.patch_embeddings.projection.weight"]
     patch_size, num_channels = projection.shape[-1], projection.shape[1]
+    if projection.shape[0] != hidden_size or projection.shape[-2] != patch_size:
+        raise CheckpointError(
+            f"patch embedding of shape {tuple(projection.shape)} does not fit {hidden_size}-wide sparse tokens"
+        )
     num_positions = state_dict["encoder.embeddings.position_embeddings"].shape[1] - 1
     side = math.isqrt(num_positions)
     if side * side != num_positions:
         raise CheckpointError(f"{num_positions} patch position embeddings do not form a square grid")
+    intermediate = _layer_tensor(state_dict, "encoder", ("intermediate.dense.weight", "mlp.fc1.weight"))
+    if intermediate is None:
+        raise CheckpointError("the checkpoint has no encoder layers")
     kwargs = dict(
         hidden_size=hidden_size,
         num_hidden_layers=_count_layers(state_dict, "encoder"),
-        num_attention_heads=num_attention_heads or max(hidden_size // 64, 1),
-        intermediate_size=_layer_tensor(state_dict, "encoder", ("intermediate.dense.weight", "mlp.fc1.weight")).shape[0],
-        qkv_bias=any(name.endswith(("query.bias", "q_proj.bias")) for name in state_dict),
+        num_attention_heads=num_attention_heads or default_num_attention_heads(hidden_size),
+        intermediate_size=intermediate.shape[0],
+        qkv_bias=_has_qkv_bias(state_dict, "encoder"),
         image_size=side * patch_size,
         patch_size=patch_size,
         num_channels=num_channels,
         num_sparse_tokens=num_sparse_tokens,
         spatial_temperature=spatial_temperature,
     )
+    decoder_num_attention_heads = decoder_num_attention_heads or DEFAULT_DECODER_NUM_HEADS
     if "decoder_proj.weight" in state_dict:
+        decoder_hidden_size = state_dict["decoder_proj.weight"].shape[0]
+        decoder_intermediate = _layer_tensor(state_dict, "decoder", ("intermediate.dense.weight", "mlp.fc1.weight"))
+        if decoder_intermediate is None:
+            raise CheckpointError("the checkpoint has a decoder projection but no decoder layers")
+        if _has_qkv_bias(state_dict, "decoder") != kwargs["qkv_bias"]:
+            raise CheckpointError(
+                "the encoder and the decoder disagree on query/key/value biases; we share the setting"
+            )
         kwargs.update(
-            decoder_hidden_size=state_dict["decoder_proj.weight"].shape[0],
+            decoder_hidden_size=decoder_hidden_size,
             decoder_num_hidden_layers=_count_layers(state_dict, "decoder"),
             decoder_num_attention_heads=decoder_num_attention_heads,
-            decoder_intermediate_size=_layer_tensor(
-                state_dict, "decoder", ("intermediate.dense.weight", "mlp.fc1.weight")
-            ).shape[0],
+            decoder_intermediate_size=decoder_intermediate.shape[0],
         )
-    head = state_dict.get("reconstruction_head.weight")
-    if head is not None:
+        head = state_dict.get("reconstruction_head.weight")
+        if head is None:
+            raise CheckpointError("the checkpoint has a decoder but no `reconstruction_head`")
         if head.ndim == 4:
+            if tuple(head.shape) != (decoder_hidden_size, num_channels, patch_size, patch_size):
+                raise CheckpointError(
+                    f"pixel head of shape {tuple(head.shape)} does not fit {num_channels} channels and "
+                    f"{patch_size}-pixel patches"
+                )
             kwargs["reconstruction_target"] = "pixel"
         else:
             kwargs.update(reconstruction_target="vq", vq_codebook_size=head.shape[0])
     if "clustering_head.layer.weight" in state_dict:
         num_prototypes, prototype_dim = state_dict["clustering_head.layer.weight"].shape
         predictor_num_layers, predictor_hidden_size = _predictor_shape(state_dict, "clustering_head")
+        use_cls_clustering = "cls_cluster_head.layer.weight" in state_dict
+        if use_cls_clustering and _predictor_shape(state_dict, "cls_cluster_head") != (
+            predictor_num_layers,
+            predictor_hidden_size,
+        ):
+            raise CheckpointError("the sparse and CLS clustering heads have different predictors; we share the shape")
         kwargs.update(
             num_prototypes=num_prototypes,
             prototype_dim=prototype_dim,
             predictor_num_layers=predictor_num_layers,
-            use_cls_clustering="cls_cluster_head.layer.weight" in state_dict,
+            use_cls_clustering=use_cls_clustering,
         )
         if predictor_hidden_size is not None:
             kwargs["predictor_hidden_size"] = predictor_hidden_size
-    return StellarConfig(**kwargs)
+    try:
+        return StellarConfig(**kwargs)
+    except ValueError as error:
+        hint = ""
+        if "num_attention_heads" in str(error):
+            hint = " Pass the head counts it was trained with (--num_attention_heads / --decoder_num_attention_heads)."
+        raise CheckpointError(f"the inferred configuration is invalid: {error}.{hint}") from error
 
 
-def convert_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Rename an original state dict to ours. Returns the converted dict and the original keys that were dropped."""
-    converted, dropped = {}, []
-    for name, tensor in state_dict.items():
-        new_name = rename_key(name)
-        if new_name is None:
-            dropped.append(name)
-        else:
-            converted[new_name] = tensor.contiguous()
-    return converted, dropped
-
-
-def model_class_for(state_dict: dict[str, torch.Tensor]) -> type[StellarPreTrainedModel]:
+def model_class_for(state_dict: Mapping[str, torch.Tensor]) -> type[StellarPreTrainedModel]:
     """The richest class the checkpoint fills: pretraining (with heads), reconstruction, or the bare encoder."""
-    if "clustering_head.layer.weight" in state_dict and "decoder_proj.weight" in state_dict:
+    has_decoder = "decoder_proj.weight" in state_dict
+    if "clustering_head.layer.weight" in state_dict and has_decoder:
         return StellarForPreTraining
-    if "decoder_proj.weight" in state_dict:
+    if has_decoder:
         return StellarForImageReconstruction
     return StellarModel
 
@@ -264,24 +536,80 @@ def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -
     model.load_state_dict(converted, strict=True)
 
 
-def _check_outputs(reference: torch.nn.Module, reloaded: torch.nn.Module, config: StellarConfig) -> float:
-    """Largest absolute difference between the two models' encoder outputs on a fixed random image."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def model_outputs(model: StellarPreTrainedModel, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every tensor the converted weights determine: encoder factors, decoder prediction, clustering logits."""
+    encoder = model if isinstance(model, StellarModel) else model.stellar
+    outputs = encoder(pixel_values, return_dict=True)
+    result = {
+        "cls_embedding": outputs.cls_embedding,
+        "dense_features": outputs.dense_features,
+        "sparse_tokens": outputs.sparse_tokens,
+        "spatial_map": outputs.spatial_map,
+        "lowrank_features": outputs.lowrank_features,
+    }
+    if getattr(model, "decoder", None) is not None:
+        grid_size = (
+            pixel_values.shape[-2] // model.config.patch_size,
+            pixel_values.shape[-1] // model.config.patch_size,
+        )
+        result["prediction"] = model.decode_tokens(model.decoder(outputs.lowrank_features, grid_size), grid_size)
+    if getattr(model, "sparse_clustering_head", None) is not None:
+        result["clustering_logits"] = model.sparse_clustering_head(outputs.sparse_tokens)
+    if getattr(model, "cls_clustering_head", None) is not None:
+        result["cls_clustering_logits"] = model.cls_clustering_head(outputs.cls_embedding.unsqueeze(1))
+    return result
+
+
+def compare_models(reference: StellarPreTrainedModel, other: StellarPreTrainedModel) -> float:
+    """Largest absolute difference between two models' outputs on a fixed random image at the config's size."""
+    config = reference.config
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(2, config.num_channels, config.image_size, config.image_size, generator=generator)
-    encoder = lambda model: model if isinstance(model, StellarModel) else model.stellar  # noqa: E731
-    with torch.no_grad():
-        first = encoder(reference)(pixel_values)
-        second = encoder(reloaded)(pixel_values)
-    return max(
-        (first[name] - second[name]).abs().max().item() for name in ("sparse_tokens", "spatial_map", "lowrank_features")
+    first, second = model_outputs(reference, pixel_values), model_outputs(other, pixel_values)
+    return max((first[name] - second[name]).abs().max().item() for name in first)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def image_processor_for(config: StellarConfig) -> StellarImageProcessor:
+    """The original's evaluation preprocessing (resize to 256 / 224 of the crop, centre crop) at the model's size."""
+    return StellarImageProcessor(
+        size={"shortest_edge": round(config.image_size * 256 / 224)},
+        crop_size={"height": config.image_size, "width": config.image_size},
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
     )
+
+
+def save_with_code(model: StellarPreTrainedModel, output_dir: Path) -> None:
+    """
+    `save_pretrained` plus the model's source files and an `auto_map`, so the folder also loads in a process that
+    never imports stellar_hf: `AutoModel` gives the encoder, `AutoModelForPreTraining` the pretraining model.
+    """
+    from transformers.dynamic_module_utils import custom_object_save
+
+    auto_map = {"AutoModel": "modeling_stellar.StellarModel"}
+    if isinstance(model, StellarForPreTraining):
+        auto_map["AutoModelForPreTraining"] = "modeling_stellar.StellarForPreTraining"
+    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **auto_map}
+    model.save_pretrained(output_dir)
+    custom_object_save(model, output_dir)
 
 
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
     num_attention_heads: int | None = None,
-    decoder_num_attention_heads: int = 8,
+    decoder_num_attention_heads: int | None = None,
     spatial_temperature: float | None = 0.06,
     push_to_hub: str | None = None,
 ) -> StellarPreTrainedModel:
@@ -289,57 +617,161 @@ def convert_checkpoint(
     Convert `checkpoint_path` into a `save_pretrained` folder at `output_dir` and return the converted model.
 
     The folder holds the weights (safetensors), the config, the image processor, the model code (remote code) and a
-    README model card; it is reloaded and checked before this returns.
+    README model card; it is reloaded and its weights and outputs compared with the converted model before this
+    returns.
+
+    Raises:
+        CheckpointError: the file cannot be read, is not a STELLAR checkpoint, or does not fit the inferred model
+            (keys listed by name).
+        RuntimeError: the saved folder does not reload to the same weights and outputs.
     """
     original = load_original_state_dict(checkpoint_path)
     config = infer_config(original, num_attention_heads, decoder_num_attention_heads, spatial_temperature)
-    converted, dropped = convert_state_dict(original)
-    if dropped:
-        logger.info("dropped %d keys the original never uses: %s", len(dropped), dropped)
     model_class = model_class_for(original)
+    converted, dropped = convert_state_dict(original)
+    reasons: dict[str, int] = {}
+    for name in dropped:
+        reasons[dropped_reason(name)] = reasons.get(dropped_reason(name), 0) + 1
+    for reason, count in reasons.items():
+        logger.info("dropped %d keys: %s", count, reason)
+    if model_class is StellarModel:
+        heads = [name for name in converted if not name.startswith("stellar.")]
+        if heads:
+            logger.warning(
+                "the checkpoint has clustering heads but no decoder, which StellarForPreTraining needs: converting "
+                "the encoder only and dropping %d head weights",
+                len(heads),
+            )
+        # The key table names the encoder as it sits inside the head models.
+        converted = {
+            name.removeprefix("stellar."): tensor for name, tensor in converted.items() if name.startswith("stellar.")
+        }
     model = model_class(config).eval()
     load_converted(model, converted)
 
     output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    StellarImageProcessor().save_pretrained(output_dir)
-    write_model_card(output_dir, config, source=Path(checkpoint_path).name)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_with_code(model, output_dir)
+    image_processor_for(config).save_pretrained(output_dir)
+    write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=push_to_hub)
+
+    # transformers can leave parameters at their initial values without complaint: compare values, then outputs.
     reloaded = model_class.from_pretrained(output_dir).eval()
+    reloaded_state = reloaded.state_dict()
     for name, tensor in model.state_dict().items():
-        if not torch.equal(tensor, reloaded.state_dict()[name]):
-            raise RuntimeError(f"reloaded weight {name} differs from the converted one")
-    difference = _check_outputs(model, reloaded, config)
+        if not torch.equal(tensor, reloaded_state[name]):
+            raise RuntimeError(f"conversion check failed: `{name}` differs after reloading {output_dir}")
+    difference = compare_models(model, reloaded)
     if difference > 1e-6:
-        raise RuntimeError(f"reloaded model's outputs differ by {difference:.3g}")
-    logger.info("converted %s -> %s (%s); reload check passed", checkpoint_path, output_dir, model_class.__name__)
+        raise RuntimeError(f"conversion check failed: reloaded outputs differ by up to {difference:.3g}")
+    logger.info(
+        "converted %s -> %s (%s, %.1fM parameters); reloaded weights equal, outputs differ by %.3g",
+        checkpoint_path,
+        output_dir,
+        model_class.__name__,
+        sum(parameter.numel() for parameter in model.parameters()) / 1e6,
+        difference,
+    )
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        StellarImageProcessor().push_to_hub(push_to_hub)
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        api.upload_folder(repo_id=push_to_hub, folder_path=str(output_dir), commit_message="Convert STELLAR checkpoint")
+        logger.info("uploaded %s to https://huggingface.co/%s", output_dir, push_to_hub)
     return model
 
 
-def write_model_card(output_dir: Path, config: StellarConfig, source: str) -> None:
-    """Fill `MODEL_CARD.md` (shipped beside the package in a source checkout) into `output_dir/README.md`."""
+# The MAE weights the original recipe starts from, by (width, patch size).
+MAE_BACKBONES = {
+    (768, 16): "facebook/vit-mae-base",
+    (1024, 16): "facebook/vit-mae-large",
+    (1280, 14): "facebook/vit-mae-huge",
+}
+
+
+def write_model_card(output_dir: Path, config: StellarConfig, source: str, model_id: str | None = None) -> None:
+    """Write the model card (`stellar_hf.model_card`) to `output_dir/README.md`."""
     from .model_card import render_model_card
 
-    (Path(output_dir) / "README.md").write_text(
-        render_model_card(config, training_details=f"Converted from the original checkpoint `{source}`.")
+    text = render_model_card(
+        config,
+        training_details=f"Converted from the original checkpoint `{source}` with `python -m stellar_hf.convert`.",
+        model_id=model_id or Path(output_dir).resolve().name,
+        base_model=MAE_BACKBONES.get((config.hidden_size, config.patch_size)),
     )
+    (Path(output_dir) / "README.md").write_text(text, encoding="utf-8")
+
+
+def describe(config: StellarConfig, model_class: type) -> str:
+    """One line per inferred group of settings, for the command's output."""
+    lines = [
+        f"model: {model_class.__name__}",
+        f"encoder: ViT width {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} "
+        f"heads, MLP {config.intermediate_size}, patch {config.patch_size}, image {config.image_size}, "
+        f"{config.num_sparse_tokens} sparse tokens, spatial temperature {config.spatial_temperature}",
+    ]
+    if model_class is not StellarModel:
+        lines.append(
+            f"decoder: width {config.decoder_hidden_size}, {config.decoder_num_hidden_layers} layers, "
+            f"{config.decoder_num_attention_heads} heads, MLP {config.decoder_intermediate_size}, "
+            + (
+                f"VQ head over {config.vq_codebook_size} codes"
+                if config.reconstruction_target == "vq"
+                else "pixel head"
+            )
+        )
+    if model_class is StellarForPreTraining:
+        lines.append(
+            f"clustering: {config.num_prototypes} prototypes of width {config.prototype_dim}, "
+            f"{config.predictor_num_layers}-layer predictor"
+            + (f" (hidden {config.predictor_hidden_size})" if config.predictor_num_layers > 1 else "")
+            + (", CLS head" if config.use_cls_clustering else ", no CLS head")
+        )
+    return "\n".join(lines)
+
+
+def _temperature(value: str) -> float | None:
+    if value.lower() == "none":
+        return None
+    try:
+        temperature = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {value!r}") from None
+    if not temperature > 0:
+        raise argparse.ArgumentTypeError(f"the temperature must be positive, got {value!r}")
+    return temperature
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stellar_hf.convert",
+        description="Convert an original STELLAR checkpoint (Lightning .ckpt, .safetensors or .bin) to a "
+        "transformers folder.",
+    )
     parser.add_argument("--checkpoint", required=True, help="original .ckpt, .safetensors or .bin file")
     parser.add_argument("--output_dir", required=True, help="folder to write the converted model to")
-    parser.add_argument("--num_attention_heads", type=int, default=None, help="encoder heads (default: width / 64)")
-    parser.add_argument("--decoder_num_attention_heads", type=int, default=8, help="decoder heads (default: 8)")
+    parser.add_argument(
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help="encoder heads; not stored in the weights (default: width / 64, 16 for ViT-H/g/G widths 1280/1408/1664)",
+    )
+    parser.add_argument(
+        "--decoder_num_attention_heads",
+        type=int,
+        default=DEFAULT_DECODER_NUM_HEADS,
+        help=f"decoder heads (default: {DEFAULT_DECODER_NUM_HEADS}, what the original hard-codes)",
+    )
     parser.add_argument(
         "--spatial_temperature",
-        type=lambda value: None if value.lower() == "none" else float(value),
+        type=_temperature,
         default=0.06,
         help="temperature of the spatial map, or 'none' for scaled dot products (default: 0.06)",
     )
-    parser.add_argument("--push_to_hub", default=None, metavar="REPO_ID", help="also upload to this Hub repository")
+    parser.add_argument(
+        "--push_to_hub", default=None, metavar="REPO_ID", help="also upload the folder to this Hub repo"
+    )
     return parser.parse_args(argv)
 
 
@@ -358,6 +790,10 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(describe(model.config, type(model)))
     print(f"saved {type(model).__name__} to {args.output_dir}")
     return 0
 

@@ -515,6 +515,9 @@ class StellarModel(StellarPreTrainedModel):
     patch tokens, the CLS token and `pooler_output`, the mean of the sparse tokens.
     """
 
+    # Loading the encoder out of a reconstruction or pretraining folder leaves these behind on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^reconstruction_head\.", r"clustering_head\.", r"^teacher\."]
+
     def __init__(self, config: StellarConfig):
         super().__init__(config)
         self.embeddings = StellarEmbeddings(config)
@@ -716,6 +719,9 @@ class StellarForImageReconstruction(StellarReconstructionHeadMixin, StellarPreTr
 
     Use [`~StellarForImageReconstruction.reconstruct`] to decode edited factors.
     """
+
+    # A pretraining folder also holds the clustering heads (and maybe the EMA teacher), unused here.
+    _keys_to_ignore_on_load_unexpected = [r"clustering_head\.", r"^teacher\."]
 
     def __init__(self, config: StellarConfig):
         super().__init__(config)
