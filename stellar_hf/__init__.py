@@ -9,6 +9,8 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForImageToImage,
+    AutoModelForPreTraining,
 )
 
 from .configuration_maskgit_vqgan import MaskGitVQGANConfig
@@ -19,6 +21,8 @@ from .modeling_stellar import (
     StellarClusteringHead,
     StellarForImageClassification,
     StellarForImageReconstruction,
+    StellarForPreTraining,
+    StellarForPreTrainingOutput,
     StellarModel,
     StellarModelOutput,
     StellarPreTrainedModel,
@@ -32,6 +36,8 @@ AutoConfig.register(MaskGitVQGANConfig.model_type, MaskGitVQGANConfig, exist_ok=
 AutoModel.register(StellarConfig, StellarModel, exist_ok=True)
 AutoModel.register(MaskGitVQGANConfig, MaskGitVQGANModel, exist_ok=True)
 AutoModelForImageClassification.register(StellarConfig, StellarForImageClassification, exist_ok=True)
+AutoModelForImageToImage.register(StellarConfig, StellarForImageReconstruction, exist_ok=True)
+AutoModelForPreTraining.register(StellarConfig, StellarForPreTraining, exist_ok=True)
 AutoImageProcessor.register(
     StellarConfig,
     image_processor_classes={"pil": StellarImageProcessor, "torchvision": StellarImageProcessorFast},
@@ -43,6 +49,8 @@ AutoImageProcessor.register(
 StellarConfig.register_for_auto_class()
 StellarModel.register_for_auto_class("AutoModel")
 StellarForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+StellarForImageReconstruction.register_for_auto_class("AutoModelForImageToImage")
+StellarForPreTraining.register_for_auto_class("AutoModelForPreTraining")
 StellarImageProcessor.register_for_auto_class("AutoImageProcessor")
 StellarImageProcessorFast.register_for_auto_class("AutoImageProcessor")
 
@@ -53,6 +61,8 @@ __all__ = [
     "StellarConfig",
     "StellarForImageClassification",
     "StellarForImageReconstruction",
+    "StellarForPreTraining",
+    "StellarForPreTrainingOutput",
     "StellarImageProcessor",
     "StellarImageProcessorFast",
     "StellarModel",

@@ -1,6 +1,7 @@
 """STELLAR model configuration."""
 
 from transformers import PretrainedConfig
+from transformers.activations import ACT2FN
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -231,6 +232,12 @@ class StellarConfig(PretrainedConfig):
             raise ValueError(
                 f"StellarConfig.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})"
             )
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"StellarConfig.hidden_act {self.hidden_act!r} is not a known activation")
+        if self.local_image_size < self.patch_size:
+            raise ValueError(
+                f"StellarConfig.local_image_size ({self.local_image_size}) is smaller than one patch ({self.patch_size})"
+            )
         if self.reconstruction_target not in RECONSTRUCTION_TARGETS:
             raise ValueError(
                 f"StellarConfig.reconstruction_target must be one of {RECONSTRUCTION_TARGETS}, "
@@ -246,6 +253,10 @@ class StellarConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"StellarConfig.{name} must be in [0, 1], got {value!r}")
+        if len(self.focal_sigma_range) != 2:
+            raise ValueError(
+                f"StellarConfig.focal_sigma_range must be a (low, high) pair, got {self.focal_sigma_range}"
+            )
         low, high = self.focal_sigma_range
         if not 0 < low <= high:
             raise ValueError(f"StellarConfig.focal_sigma_range must satisfy 0 < low <= high, got {self.focal_sigma_range}")

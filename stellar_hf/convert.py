@@ -590,21 +590,6 @@ def image_processor_for(config: StellarConfig) -> StellarImageProcessor:
     )
 
 
-def save_with_code(model: StellarPreTrainedModel, output_dir: Path) -> None:
-    """
-    `save_pretrained` plus the model's source files and an `auto_map`, so the folder also loads in a process that
-    never imports stellar_hf: `AutoModel` gives the encoder, `AutoModelForPreTraining` the pretraining model.
-    """
-    from transformers.dynamic_module_utils import custom_object_save
-
-    auto_map = {"AutoModel": "modeling_stellar.StellarModel"}
-    if isinstance(model, StellarForPreTraining):
-        auto_map["AutoModelForPreTraining"] = "modeling_stellar.StellarForPreTraining"
-    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **auto_map}
-    model.save_pretrained(output_dir)
-    custom_object_save(model, output_dir)
-
-
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
@@ -651,7 +636,7 @@ def convert_checkpoint(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    save_with_code(model, output_dir)
+    model.save_pretrained(output_dir)
     image_processor_for(config).save_pretrained(output_dir)
     write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=push_to_hub)
 

@@ -24,6 +24,20 @@ class StellarImageProcessingDefaults:
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
 
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        # Name both backends in a saved folder, so remote-code users get the same class (torchvision when it is
+        # installed, PIL otherwise) as users who import stellar_hf, and hence the same pixels.
+        if "AutoImageProcessor" in (output.get("auto_map") or {}):
+            output["auto_map"] = {
+                **output["auto_map"],
+                "AutoImageProcessor": [
+                    "image_processing_stellar.StellarImageProcessor",
+                    "image_processing_stellar.StellarImageProcessorFast",
+                ],
+            }
+        return output
+
 
 class StellarImageProcessor(StellarImageProcessingDefaults, PilBackend):
     """STELLAR preprocessing on PIL / NumPy (no torchvision needed). See [`StellarImageProcessingDefaults`]."""

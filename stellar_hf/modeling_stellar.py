@@ -105,6 +105,11 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"pixel_values must be a floating-point tensor of normalised images, got {pixel_values.dtype}; "
+            "use StellarImageProcessor to turn images into pixel_values"
+        )
     if pixel_values.ndim != 4:
         raise ValueError(
             f"pixel_values must be a 4-D tensor (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
@@ -116,7 +121,7 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
         raise ValueError(f"image of {height}x{width} pixels is smaller than one {patch_size}x{patch_size} patch")
     if height % patch_size or width % patch_size:
         raise ValueError(f"image sides ({height}x{width}) must be multiples of the patch size {patch_size}")
-    if pixel_values.is_floating_point() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling():
         if not bool(torch.isfinite(pixel_values).all()):
             raise ValueError("pixel_values contains NaN or infinite values")
 
@@ -443,6 +448,14 @@ class StellarDecoder(nn.Module):
         return self.transformer(hidden_states)[0]
 
 
+class StellarPrototypes(nn.Linear):
+    """Bias-free prototype layer `(..., prototype_dim) -> (..., num_prototypes)`; its own type so that
+    `_init_weights` can give it the original's unit-Gaussian initialisation."""
+
+    def __init__(self, prototype_dim: int, num_prototypes: int):
+        super().__init__(prototype_dim, num_prototypes, bias=False)
+
+
 class StellarClusteringHead(nn.Module):
     """
     Online-clustering head: predictor MLP, L2 normalisation, then bias-free prototypes.
@@ -460,7 +473,7 @@ class StellarClusteringHead(nn.Module):
             in_features = config.predictor_hidden_size
         layers.append(nn.Linear(in_features, config.prototype_dim))
         self.predictor = nn.Sequential(*layers)
-        self.prototypes = nn.Linear(config.prototype_dim, config.num_prototypes, bias=False)
+        self.prototypes = StellarPrototypes(config.prototype_dim, config.num_prototypes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         projected = F.normalize(self.predictor(tokens), dim=-1, eps=1e-7)
@@ -490,7 +503,10 @@ class StellarPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(module, StellarPrototypes):
+            # Unit Gaussians, not normalised, as in the original.
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             init.trunc_normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
@@ -500,10 +516,12 @@ class StellarPreTrainedModel(PreTrainedModel):
             init.normal_(module.sparse_tokens, mean=0.0, std=self.config.hidden_size**-0.5)
         elif isinstance(module, StellarFourierPositionEncoding):
             init.normal_(module.gaussian_matrix, mean=0.0, std=1.0)
-        elif isinstance(module, StellarClusteringHead):
-            # Children are initialised first, so this overrides the generic Linear init of the prototypes:
-            # they start as unit Gaussians, not normalised, as in the original.
-            init.normal_(module.prototypes.weight, mean=0.0, std=1.0)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus an `auto_map` naming every STELLAR head, so that a folder saved
+        from any of them loads each head with `trust_remote_code=True` in a process without stellar_hf."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **STELLAR_AUTO_MAP}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
 
 class StellarModel(StellarPreTrainedModel):
@@ -518,13 +536,17 @@ class StellarModel(StellarPreTrainedModel):
     # Loading the encoder out of a reconstruction or pretraining folder leaves these behind on purpose.
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^reconstruction_head\.", r"clustering_head\.", r"^teacher\."]
 
-    def __init__(self, config: StellarConfig):
+    def __init__(self, config: StellarConfig, add_factorization: bool = True):
+        r"""
+        add_factorization (`bool`, defaults to `True`): build the spatial-semantic factorization. Heads that read
+            only tokens (the linear probe) leave it out, so that every parameter they hold gets a gradient.
+        """
         super().__init__(config)
         self.embeddings = StellarEmbeddings(config)
         self.encoder = StellarTransformer(
             config, config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
         )
-        self.factorization = StellarFactorization(config)
+        self.factorization = StellarFactorization(config) if add_factorization else None
         self.post_init()
 
     def get_input_embeddings(self) -> StellarPatchEmbeddings:
@@ -590,7 +612,9 @@ class StellarModel(StellarPreTrainedModel):
             output_hidden_states=output_hidden_states,
         )
         cls_embedding, dense_features, sparse_tokens = self.split_sequence(sequence)
-        spatial_map, lowrank_features = self.factorization(dense_features, sparse_tokens)
+        spatial_map = lowrank_features = None
+        if self.factorization is not None:
+            spatial_map, lowrank_features = self.factorization(dense_features, sparse_tokens)
         output = StellarModelOutput(
             last_hidden_state=sequence,
             pooler_output=sparse_tokens.mean(dim=1),
@@ -603,6 +627,16 @@ class StellarModel(StellarPreTrainedModel):
             attentions=attentions,
         )
         return output if return_dict else output.to_tuple()
+
+
+# Every STELLAR head, by the transformers Auto class that loads it (written into each saved config).
+STELLAR_AUTO_MAP = {
+    "AutoConfig": "configuration_stellar.StellarConfig",
+    "AutoModel": "modeling_stellar.StellarModel",
+    "AutoModelForImageClassification": "modeling_stellar.StellarForImageClassification",
+    "AutoModelForImageToImage": "modeling_stellar.StellarForImageReconstruction",
+    "AutoModelForPreTraining": "modeling_stellar.StellarForPreTraining",
+}
 
 
 def grid_size_of(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
@@ -831,10 +865,15 @@ class StellarForImageClassification(StellarPreTrainedModel):
     `labels` `(B,)` give a cross-entropy loss (or MSE / BCE following `config.problem_type`, as in transformers).
     """
 
+    # The probe reads the sparse tokens only; checkpoints of the other heads carry the factorization and more.
+    _keys_to_ignore_on_load_unexpected = [
+        r"factorization\.", r"^decoder\.", r"^reconstruction_head\.", r"clustering_head\.", r"^teacher\."
+    ]
+
     def __init__(self, config: StellarConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.stellar = StellarModel(config)
+        self.stellar = StellarModel(config, add_factorization=False)
         self.classifier_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
@@ -958,6 +997,15 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         self.post_init()
         if self.teacher is not None:
             self.reset_teacher()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        # Loading re-creates every parameter as trainable; the EMA teacher must stay out of the optimiser.
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.teacher is not None:
+            model.teacher.requires_grad_(False)
+        return loaded
 
     @torch.no_grad()
     def reset_teacher(self) -> None:
@@ -1104,7 +1152,11 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
                 cls_loss = cls_loss + self.view_cls_loss(masked_cls, cls_assignments)
         num_local = min(config.num_local_views, local_views.shape[1]) if local_views is not None else 0
         if num_local > 0 and cls_assignments is not None:
-            local_sequence = self.stellar.encode(local_views[:, :num_local].flatten(0, 1))[0]
+            views = local_views[:, :num_local].flatten(0, 1)
+            # Local crops need not be a multiple of the patch size (96 px with 14-px patches): the original's
+            # strided patch convolution ignores the remainder, so drop it here too.
+            height, width = (side - side % config.patch_size for side in views.shape[-2:])
+            local_sequence = self.stellar.encode(views[..., :height, :width])[0]
             cls_loss = cls_loss + self.view_cls_loss(local_sequence[:, 0], cls_assignments)
 
         loss = (
@@ -1174,4 +1226,6 @@ __all__ = [
     "StellarModelOutput",
     "StellarReconstructionOutput",
     "StellarClusteringHead",
+    "StellarPrototypes",
+    "STELLAR_AUTO_MAP",
 ]

@@ -3,6 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models on a 2-core machine: one thread avoids thread contention that makes small ops many times slower.
+torch.set_num_threads(1)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # `../shared/` sits beside the repository in CI and developer checkouts, not in a user's clone.
