@@ -10,8 +10,9 @@ runs its full forward: 1 + N + r tokens through the encoder plus the spatial-sem
 are interleaved (STELLAR, ViT, ViT, STELLAR, ...) so that clock and thermal drift hit both models alike; the
 reported time is the median over `--repeats` after `--warmup` untimed calls, under `torch.inference_mode()`.
 
-The sequence grows from 1 + N to 1 + N + r tokens (197 -> 213 at 224 px, r = 16, about 8%), so a ratio near 1.08
-is the cost of the sparse tokens themselves; the target is a ratio of at most 1.10.
+The sequence grows from 1 + N to 1 + N + r tokens (197 -> 213 at 224 px, r = 16, about 8%); with attention growing
+with the square of the sequence and the factorization's two d x d projections, the forward FLOPs grow by 9.4% (S/16)
+and 9.2% (B/16). The target is a time ratio of at most 1.10. docs/benchmarks.md has measured numbers.
 
 Columns: `ratio` = median STELLAR time / median ViT time (the number the target applies to); `paired` = median of
 the per-round ratios; `min` = ratio of the fastest calls; `cpu` = ratio of median process CPU time (CPU only), the

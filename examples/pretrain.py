@@ -46,24 +46,24 @@ logger = logging.getLogger("stellar_pretrain")
 
 # A model small enough to learn the synthetic scenes on 2 CPU cores in minutes.
 SMALL_SYNTHETIC_CONFIG = dict(
-    hidden_size=192,
+    hidden_size=128,
     num_hidden_layers=4,
-    num_attention_heads=3,
-    intermediate_size=768,
-    image_size=64,
+    num_attention_heads=4,
+    intermediate_size=512,
+    image_size=48,
     patch_size=8,
     num_sparse_tokens=8,
-    decoder_hidden_size=128,
+    decoder_hidden_size=96,
     decoder_num_hidden_layers=2,
     decoder_num_attention_heads=4,
-    decoder_intermediate_size=512,
+    decoder_intermediate_size=384,
     reconstruction_target="pixel",
-    num_prototypes=1024,
+    num_prototypes=512,
     prototype_dim=64,
     predictor_hidden_size=512,
     num_masked_views=2,
     num_local_views=2,
-    local_image_size=32,
+    local_image_size=24,
 )
 # Named presets for `--config_name`: the original STELLAR backbones.
 PRESETS = {
@@ -72,6 +72,10 @@ PRESETS = {
     "stellar-b16": {},
     "stellar-l16": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
 }
+# The default run: about 7 minutes of training on 2 CPU cores, enough for the probes to show what was learned.
+DEFAULT_SYNTHETIC_STEPS = 450
+SMALL_PRESET_BASE_LEARNING_RATE = 4e-3
+RECIPE_BASE_LEARNING_RATE = 1.5e-4 * 256 / 2048
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -102,11 +106,22 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--per_device_train_batch_size", type=int, default=64)
-    optim.add_argument("--base_learning_rate", type=float, default=1.5e-3, help="lr = base_lr * global batch / 256")
+    optim.add_argument(
+        "--base_learning_rate",
+        type=float,
+        default=None,
+        help="lr = base_lr * global batch / 256 (default: 4e-3 for the small synthetic preset, else 1.875e-5, "
+        "the original's 1.5e-4 at a global batch of 2048)",
+    )
     optim.add_argument("--weight_decay", type=float, default=0.04)
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
-    optim.add_argument("--num_train_epochs", type=int, default=100)
+    optim.add_argument(
+        "--num_train_epochs",
+        type=int,
+        default=None,
+        help=f"default: {DEFAULT_SYNTHETIC_STEPS} steps on the built-in synthetic scenes, otherwise 100 epochs",
+    )
     optim.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     optim.add_argument("--max_train_minutes", type=float, default=None, help="stop (and save) after this long")
     optim.add_argument("--lr_scheduler_type", default="cosine")
@@ -137,7 +152,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.model_name_or_path and (args.config_name or args.config_overrides):
         parser.error("--config_name / --config_overrides build a new model; they cannot change --model_name_or_path")
     for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_train_epochs"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
     if args.streaming and args.max_train_steps is None:
         parser.error("--streaming needs --max_train_steps (a stream has no known length)")
@@ -315,49 +330,70 @@ def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag
     return written
 
 
-def probe_datasets(args, config: StellarConfig):
-    """Labelled (train, eval) datasets for the final kNN / linear probes, or None when there are none."""
+def probe_tasks(args) -> dict | None:
+    """
+    The labelled tasks of the final probes: `{task: label_of(item)}`, or None when the run has no labelled data.
+
+    On the synthetic scenes there are two: the colour and the shape of the dominant object. Colour shows what a
+    short CPU run learns; position-invariant shape recognition needs far longer training (see docs/training.md).
+    """
+    if args.probe_train_dir:
+        return {"class": lambda item: int(item["label"])}
+    if args.train_dir or args.dataset_name:
+        return None
+    return {
+        "dominant_color": lambda item: int(item["colors"][item["dominant_id"] - 1]),
+        "dominant_shape": lambda item: int(item["label"]),
+    }
+
+
+def probe_loaders(args, config: StellarConfig, tasks: dict) -> tuple[DataLoader, DataLoader]:
+    """(train, eval) loaders of normalised images with `labels` `(B, num_tasks)`, one column per task."""
     transform = EvalTransform(config.image_size, resize_size=config.image_size)
     if args.probe_train_dir:
         train = load_image_folder(args.probe_train_dir, labels=True)
         evaluation = load_image_folder(args.probe_eval_dir, labels=True)
         if train.class_names != evaluation.class_names:
             raise ValueError("--probe_train_dir and --probe_eval_dir must have the same class subfolders")
-    elif not args.train_dir and not args.dataset_name:
-        train = SyntheticScenes(num_images=min(args.num_synthetic_images, 2048), image_size=config.image_size, split="train")
-        evaluation = SyntheticScenes(num_images=args.num_synthetic_eval_images, image_size=config.image_size, split="validation")
     else:
-        return None
+        size = config.image_size
+        train = SyntheticScenes(num_images=min(args.num_synthetic_images, 2048), image_size=size, split="train")
+        evaluation = SyntheticScenes(num_images=args.num_synthetic_eval_images, image_size=size, split="validation")
 
     def collate(items):
-        return {
-            "pixel_values": normalize(torch.stack([transform(item["image"]) for item in items]), config.image_mean, config.image_std),
-            "labels": torch.tensor([int(item["label"]) for item in items]),
-        }
+        images = torch.stack([transform(item["image"]) for item in items])
+        labels = torch.tensor([[label_of(item) for label_of in tasks.values()] for item in items])
+        return {"pixel_values": normalize(images, config.image_mean, config.image_std), "labels": labels}
 
-    return (
-        DataLoader(train, batch_size=128, collate_fn=collate),
-        DataLoader(evaluation, batch_size=128, collate_fn=collate),
-    )
+    return DataLoader(train, batch_size=128, collate_fn=collate), DataLoader(evaluation, batch_size=128, collate_fn=collate)
 
 
 def run_probes(model, args, config, accelerator) -> dict | None:
-    loaders = probe_datasets(args, config)
-    if loaders is None:
+    """kNN and linear-probe top-1 per task for the trained encoder and, as a reference, a randomly initialised one."""
+    tasks = probe_tasks(args)
+    if tasks is None:
         return None
-    encoder = accelerator.unwrap_model(model).stellar
-    train_features, train_labels = extract_features(encoder, loaders[0], device=accelerator.device, progress=True)
-    eval_features, eval_labels = extract_features(encoder, loaders[1], device=accelerator.device, progress=True)
-    num_classes = int(torch.cat([train_labels, eval_labels]).max()) + 1
-    knn = knn_accuracy(train_features, train_labels, eval_features, eval_labels, num_classes=num_classes)
-    probe = linear_probe(train_features, train_labels, eval_features, eval_labels, num_classes=num_classes, epochs=30)
-    return {
-        "knn_top1": knn["top1"],
-        "linear_probe_top1": probe["top1"],
-        "chance": 1.0 / num_classes,
-        "num_probe_train_images": len(train_labels),
-        "num_probe_eval_images": len(eval_labels),
-    }
+    train_loader, eval_loader = probe_loaders(args, config, tasks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        untrained = type(accelerator.unwrap_model(model).stellar)(config).to(accelerator.device)
+    results = {}
+    for name, encoder in (("trained", accelerator.unwrap_model(model).stellar), ("random_init", untrained)):
+        train_features, train_labels = extract_features(encoder, train_loader, device=accelerator.device, progress=True)
+        eval_features, eval_labels = extract_features(encoder, eval_loader, device=accelerator.device, progress=True)
+        for column, task in enumerate(tasks):
+            labels = train_labels[:, column], eval_labels[:, column]
+            num_classes = int(torch.cat(labels).max()) + 1
+            scores = results.setdefault(task, {"chance": 1.0 / num_classes})
+            prefix = "" if name == "trained" else "random_init_"
+            scores[f"{prefix}knn_top1"] = knn_accuracy(
+                train_features, labels[0], eval_features, labels[1], num_classes=num_classes
+            )["top1"]
+            scores[f"{prefix}linear_probe_top1"] = linear_probe(
+                train_features, labels[0], eval_features, labels[1], num_classes=num_classes, epochs=30
+            )["top1"]
+    results["num_probe_images"] = {"train": len(train_labels), "eval": len(eval_labels)}
+    return results
 
 
 def main(argv=None) -> int:
@@ -398,10 +434,18 @@ def main(argv=None) -> int:
             f"error: {len(dataset)} images make no full batch of {args.per_device_train_batch_size} per device"
         )
     global_batch = args.per_device_train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    if args.base_learning_rate is None:
+        small_preset = args.model_name_or_path is None and args.config_name in (None, "stellar-small-synthetic")
+        args.base_learning_rate = SMALL_PRESET_BASE_LEARNING_RATE if small_preset else RECIPE_BASE_LEARNING_RATE
     learning_rate = args.base_learning_rate * global_batch / 256
     optimizer = torch.optim.AdamW(
         no_decay_parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2)
     )
+    if args.max_train_steps is None and args.num_train_epochs is None:
+        if args.train_dir or args.dataset_name:
+            args.num_train_epochs = 100
+        else:
+            args.max_train_steps = DEFAULT_SYNTHETIC_STEPS
     if args.max_train_steps is None:
         steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / args.gradient_accumulation_steps)
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -521,16 +565,19 @@ def main(argv=None) -> int:
             "global_batch_size": global_batch,
             "learning_rate": learning_rate,
             "minutes": round((time.monotonic() - started) / 60, 2),
-            **(results or {}),
+            "probes": results,
         }
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         card_results = []
-        if results:
-            dataset_name = "synthetic scenes" if not (args.probe_train_dir or args.train_dir) else "probe images"
-            card_results = [
-                dict(task="image-classification", dataset=dataset_name, split="validation", metric="knn-top1", value=results["knn_top1"]),
-                dict(task="image-classification", dataset=dataset_name, split="validation", metric="linear-probe-top1", value=results["linear_probe_top1"]),
-            ]  # fmt: skip
+        dataset_name = "probe images" if args.probe_train_dir else "synthetic scenes"
+        for task, scores in (results or {}).items():
+            if task == "num_probe_images":
+                continue
+            for metric in ("knn_top1", "linear_probe_top1"):
+                card_results.append(
+                    dict(task="image-classification", dataset=f"{dataset_name} ({task})", split="validation",
+                         metric=metric.replace("_", "-"), value=scores[metric])
+                )  # fmt: skip
         details = (
             f"Pretrained with `examples/pretrain.py` on {data_description} for {completed_steps} steps, global batch "
             f"{global_batch}, AdamW lr {learning_rate:.3g} (base {args.base_learning_rate} x batch / 256), weight "

@@ -13,7 +13,6 @@ it also loads with `AutoModel.from_pretrained(folder, trust_remote_code=True)`.
 
 import argparse
 import contextlib
-import struct
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_maskgit_vqgan import MaskGitVQGANConfig
+from .convert import read_state_dict
 from .modeling_maskgit_vqgan import MaskGitVQGANModel
 
 logger = logging.get_logger(__name__)
@@ -29,58 +29,6 @@ logger = logging.get_logger(__name__)
 RELEASED_CHECKPOINT_NAME = "maskgit-vqgan-imagenet-f16-256.bin"
 # The codebook is the one key every tokenizer checkpoint has; where it sits tells us the prefix to strip.
 CODEBOOK_KEY = "quantize.embedding.weight"
-# Containers that training frameworks wrap a state dict in (Lightning, plain training loops).
-_WRAPPER_KEYS = ("state_dict", "model", "module")
-
-
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file starts with a little-endian u64 header length followed by a JSON object."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9:
-        return False
-    (header_length,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_length < path.stat().st_size
-
-
-def _read_checkpoint(path: Path) -> object:
-    """Deserialize `path` with safetensors or `torch.load(weights_only=True)`, turning failures into ValueError."""
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as err:
-            raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}") from err
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True): the file is truncated, corrupt, or not a "
-            f"PyTorch checkpoint of plain tensors ({type(err).__name__}: {err})"
-        ) from err
-
-
-def _as_state_dict(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """Unwrap a training checkpoint if needed and check that what remains maps names to tensors."""
-    if isinstance(obj, Mapping) and not all(isinstance(value, torch.Tensor) for value in obj.values()):
-        for key in _WRAPPER_KEYS:
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
-    if not isinstance(obj, Mapping) or not obj:
-        kind = "an empty mapping" if isinstance(obj, Mapping) else f"a {type(obj).__name__}"
-        raise ValueError(f"{path} holds {kind}, not a state dict (a mapping of parameter names to tensors)")
-    not_tensors = [
-        str(key) for key, value in obj.items() if not isinstance(key, str) or not isinstance(value, torch.Tensor)
-    ]
-    if not_tensors:
-        raise ValueError(
-            f"{path} is not a state dict: {len(not_tensors)} entries are not named tensors, e.g. {not_tensors[:5]}"
-        )
-    return dict(obj)
-
-
 def _strip_prefix(state_dict: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """Keep the tokenizer's keys, without whatever prefix precedes its codebook key."""
     codebook_keys = [key for key in state_dict if key == CODEBOOK_KEY or key.endswith("." + CODEBOOK_KEY)]
@@ -119,7 +67,7 @@ def load_original_vqgan_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    state_dict = _as_state_dict(_read_checkpoint(path), path)
+    state_dict = read_state_dict(path)
     return _strip_prefix(state_dict, path)
 
 
@@ -329,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
             codebook_size=args.codebook_size,
             image_size=args.image_size,
         )
-    except (FileNotFoundError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, ValueError) as err:  # an unreadable or foreign file, as for stellar_hf.convert
+        print(f"convert_vqgan: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # the reloaded model does not reproduce the checkpoint
         print(f"convert_vqgan: error: {err}", file=sys.stderr)
         return 1
     num_parameters = sum(parameter.numel() for parameter in model.parameters())

@@ -64,7 +64,12 @@ def test_few_steps_end_to_end(tmp_path):
         assert (output_dir / name).is_file(), name
     results = json.loads((output_dir / "results.json").read_text())
     assert results["completed_steps"] == 3
-    assert 0.0 <= results["knn_top1"] <= 1.0 and 0.0 <= results["linear_probe_top1"] <= 1.0
+    assert set(results["probes"]) == {"dominant_color", "dominant_shape", "num_probe_images"}
+    for task in ("dominant_color", "dominant_shape"):
+        scores = results["probes"][task]
+        for metric in ("knn_top1", "linear_probe_top1", "random_init_knn_top1", "random_init_linear_probe_top1"):
+            assert 0.0 <= scores[metric] <= 1.0, (task, metric)
+    assert results["probes"]["dominant_color"]["chance"] == 1 / 8
     assert json.loads(result.stdout.strip().splitlines()[-1])["completed_steps"] == 3
     images = sorted(path.name for path in (output_dir / "images").glob("*.png"))
     assert "spatial_maps_000002.png" in images and "reconstructions_final.png" in images
@@ -124,7 +129,7 @@ def test_image_folder_with_unreadable_files(tmp_path):
     result = run_pretrain(output_dir, "--train_dir", str(images), "--max_train_steps", "2")
     assert "skipping unreadable image" in result.stderr and "broken.jpg" in result.stderr
     assert (output_dir / "model.safetensors").is_file()
-    assert "knn_top1" not in json.loads((output_dir / "results.json").read_text())
+    assert json.loads((output_dir / "results.json").read_text())["probes"] is None
 
 
 def test_empty_folder_and_bad_arguments_are_clear_errors(tmp_path):

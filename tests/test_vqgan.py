@@ -298,7 +298,7 @@ def test_cli_end_to_end(vqgan_parity_dir, tmp_path):
 
 def test_cli_reports_config_mismatch(vqgan_parity_dir, tmp_path, capsys):
     # The released defaults do not fit the small parity checkpoint: the error names keys and suggests flags.
-    assert main(["--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(tmp_path)]) == 1
+    assert main(["--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(tmp_path)]) == 2
     error = capsys.readouterr().err
     assert "missing keys" in error and "encoder.down.0.block.1.conv1.weight" in error
     assert "mis-shaped keys" in error
@@ -308,7 +308,7 @@ def test_cli_reports_config_mismatch(vqgan_parity_dir, tmp_path, capsys):
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
-    assert main(["--checkpoint", str(tmp_path / "absent.bin"), "--output_dir", str(tmp_path / "out")]) == 1
+    assert main(["--checkpoint", str(tmp_path / "absent.bin"), "--output_dir", str(tmp_path / "out")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
 
 
@@ -348,11 +348,11 @@ class NotATensor:
     "write, error, message",
     [
         (lambda p, sd: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), ValueError, "truncated"),
-        (lambda p, sd: p.write_bytes(b""), ValueError, "truncated"),
+        (lambda p, sd: p.write_bytes(b""), ValueError, "is empty"),
         (lambda p, sd: p.write_bytes(b"definitely not a checkpoint" * 10), ValueError, "corrupt"),
-        (lambda p, sd: torch.save(NotATensor(), p), ValueError, "weights_only"),
+        (lambda p, sd: torch.save(NotATensor(), p), ValueError, "not a state dict"),
         (lambda p, sd: torch.save([torch.ones(1)], p), ValueError, "not a state dict"),
-        (lambda p, sd: torch.save({"step": 3}, p), ValueError, "not a state dict"),
+        (lambda p, sd: torch.save({"step": 3}, p), ValueError, "not a model state dict"),
         (lambda p, sd: torch.save({"fc.weight": torch.ones(2, 2)}, p), ValueError, "does not look like a MaskGIT"),
         (lambda p, sd: torch.save({**sd, "x.quantize.embedding.weight": sd[CODEBOOK_KEY]}, p), ValueError, "several"),
         (lambda p, sd: p.unlink(), FileNotFoundError, "not found"),
