@@ -1102,7 +1102,6 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         config = self.config
         outputs = self.stellar(pixel_values, return_dict=True)
         sparse_tokens, cls_tokens = outputs.sparse_tokens, outputs.cls_embedding.unsqueeze(1)
-        batch_size = pixel_values.shape[0]
         grid_size = grid_size_of(pixel_values, config.patch_size)
         zero = sparse_tokens.new_zeros((), dtype=torch.float32)
 

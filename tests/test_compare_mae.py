@@ -52,7 +52,7 @@ def run_compare(tmp_path: Path, *extra: str) -> tuple[dict, str]:
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, f"compare_mae.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     printed = json.loads(result.stdout.strip().splitlines()[-1])
     assert json.loads(output_json.read_text()) == printed
@@ -99,7 +99,9 @@ def test_default_datasets(tmp_path):
         "patch_size": 8, "image_size": 16,
     }  # fmt: skip
     assert settings["mae"]["norm_pix_loss"] is False
-    assert settings["optimizer"]["learning_rate"] == pytest.approx(settings["optimizer"]["base_learning_rate"] * 8 / 256)
+    assert settings["optimizer"]["learning_rate"] == pytest.approx(
+        settings["optimizer"]["base_learning_rate"] * 8 / 256
+    )
     for name in ("synthetic", "digits"):
         trained = settings["datasets"][name]
         assert trained["stellar_seconds"] >= 0 and trained["mae_seconds"] >= 0
@@ -128,6 +130,6 @@ def test_labelled_folders(tmp_path):
 def test_unpaired_folder_is_refused(tmp_path):
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--train_dir", str(tmp_path)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120,
+        check=False, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120,
     )  # fmt: skip
     assert result.returncode == 2 and "--train_dir and --eval_dir go together" in result.stderr

@@ -13,7 +13,23 @@ module cache, where relative imports do not resolve), so `stellar_hf` must be im
 
 from pathlib import Path
 
+import numpy as np
+import torch
+
 METRICS = ("psnr", "ssim")
+
+
+def image_stack(images) -> torch.Tensor:
+    """A list of (C, H, W) images (nested lists or arrays) -> a (B, C, H, W) float64 tensor."""
+    return torch.stack([torch.as_tensor(np.asarray(image, dtype=np.float64)) for image in images])
+
+
+def image_pair_features():
+    """The `datasets.Features` of both metrics: `predictions` and `references`, each a (C, H, W) float image."""
+    import datasets
+
+    image = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("float32"))))
+    return datasets.Features({"predictions": image, "references": image})
 
 
 def metric_path(name: str) -> str:
@@ -23,4 +39,4 @@ def metric_path(name: str) -> str:
     return str(Path(__file__).resolve().parent / name)
 
 
-__all__ = ["METRICS", "metric_path"]
+__all__ = ["METRICS", "image_pair_features", "image_stack", "metric_path"]

@@ -1,12 +1,10 @@
 """SSIM of reconstructions, as an `evaluate` metric; the computation is `stellar_hf.evaluation.ssim`."""
 
-import datasets
 import evaluate
-import numpy as np
-import torch
 
 # Absolute import: evaluate runs a copy of this file from its module cache, where relative imports do not resolve.
 from stellar_hf.evaluation import ssim
+from stellar_hf.metrics import image_pair_features, image_stack
 
 _DESCRIPTION = """
 Structural similarity (Wang et al. 2004) with an 11x11 Gaussian window (sigma 1.5), population covariance, K1 0.01,
@@ -43,20 +41,14 @@ _CITATION = """
 """
 
 
-def image_stack(images) -> torch.Tensor:
-    """A list of (C, H, W) images (nested lists or arrays) -> a (B, C, H, W) float64 tensor."""
-    return torch.stack([torch.as_tensor(np.asarray(image, dtype=np.float64)) for image in images])
-
-
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class Ssim(evaluate.Metric):
     def _info(self):
-        image = datasets.Sequence(datasets.Sequence(datasets.Sequence(datasets.Value("float32"))))
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": image, "references": image}),
+            features=image_pair_features(),
         )
 
     def _compute(self, predictions, references, data_range: float = 1.0):
