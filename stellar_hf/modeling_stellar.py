@@ -682,18 +682,20 @@ class StellarReconstructionHeadMixin:
         self.__dict__["_vq_tokenizer"] = tokenizer
 
     def get_vq_tokenizer(self, tokenizer=None, device: torch.device | None = None):
-        """The tokenizer passed in, the attached one, or the one named by `config.vq_tokenizer_name_or_path`."""
-        if tokenizer is not None and not isinstance(tokenizer, str):
-            tokenizer.eval().requires_grad_(False)
-        elif tokenizer is not None or self.__dict__.get("_vq_tokenizer") is None:
-            name = tokenizer or self.config.vq_tokenizer_name_or_path
-            if name is None:
-                return None
-            self.set_vq_tokenizer(name)
+        """
+        The tokenizer to use: the one passed in (an instance, or a folder / Hub id, which is then attached), else the
+        attached one, else the one named by `config.vq_tokenizer_name_or_path` (loaded once); `None` if there is none.
+        """
+        if tokenizer is None and self.__dict__["_vq_tokenizer"] is None:
+            tokenizer = self.config.vq_tokenizer_name_or_path
+        if isinstance(tokenizer, str):
+            self.set_vq_tokenizer(tokenizer)
+            tokenizer = None
+        if tokenizer is None:
             tokenizer = self.__dict__["_vq_tokenizer"]
         else:
-            tokenizer = self.__dict__["_vq_tokenizer"]
-        if device is not None and tokenizer.device != device:
+            tokenizer.eval().requires_grad_(False)
+        if tokenizer is not None and device is not None and tokenizer.device != device:
             tokenizer.to(device)
         return tokenizer
 
