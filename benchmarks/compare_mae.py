@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import sys
@@ -83,32 +82,62 @@ from torch.utils.data import DataLoader
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "examples"))
 
-import pretrain as pretrain_example  # noqa: E402  (examples/pretrain.py: the pretraining pieces)
-from stellar_hf import StellarConfig  # noqa: E402
-from stellar_hf.data import CLASS_NAMES, COLOR_NAMES, collate_views  # noqa: E402
-from stellar_hf.evaluation import (  # noqa: E402
+import pretrain as pretrain_example  # examples/pretrain.py: the pretraining pieces
+
+from stellar_hf import StellarConfig
+from stellar_hf.data import CLASS_NAMES, COLOR_NAMES, collate_views
+from stellar_hf.evaluation import (
     ReconstructionMetrics,
     evaluate_reconstruction,
     extract_features,
     knn_accuracy,
     linear_probe,
 )
-from stellar_hf.modeling_stellar import StellarForImageReconstruction, StellarForPreTraining, unnormalize  # noqa: E402
+from stellar_hf.modeling_stellar import (
+    StellarForImageReconstruction,
+    StellarForPreTraining,
+    unnormalize,
+)
 
 DEFAULT_DATASETS = ("synthetic", "digits")
+# The sizes both models share (MAE's decoder takes STELLAR's decoder sizes).
+ENCODER_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "patch_size",
+    "image_size",
+)
+DECODER_FIELDS = (
+    "decoder_hidden_size",
+    "decoder_num_hidden_layers",
+    "decoder_num_attention_heads",
+    "decoder_intermediate_size",
+)
 KNN_K, KNN_TEMPERATURE, PROBE_EPOCHS = 20, 0.07, 30
 DIGITS_EVAL_EVERY = 3  # the third image of every class, then every third one, is held out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Pretrain STELLAR and MAE at an equal budget; compare frozen features.")
+    parser = argparse.ArgumentParser(
+        description="Pretrain STELLAR and MAE at an equal budget; compare frozen features."
+    )
     data = parser.add_argument_group("data (default: the synthetic scenes and scikit-learn's digits)")
-    data.add_argument("--train_dir", help="labelled image folder (one subfolder per class): pretraining and probe training")
-    data.add_argument("--eval_dir", help="labelled image folder with the same classes: probe and reconstruction evaluation")
-    data.add_argument("--datasets", default=",".join(DEFAULT_DATASETS), help="built-in datasets to run (synthetic,digits)")
+    data.add_argument(
+        "--train_dir", help="labelled image folder (one subfolder per class): pretraining and probe training"
+    )
+    data.add_argument(
+        "--eval_dir", help="labelled image folder with the same classes: probe and reconstruction evaluation"
+    )
+    data.add_argument(
+        "--datasets", default=",".join(DEFAULT_DATASETS), help="built-in datasets to run (synthetic,digits)"
+    )
     data.add_argument("--num_synthetic_images", type=int, default=8192, help="synthetic pretraining images")
     data.add_argument("--num_synthetic_eval_images", type=int, default=1024, help="synthetic evaluation images")
-    data.add_argument("--num_digits_images", type=int, default=None, help="use only the first N digits (default: all 1797)")
+    data.add_argument(
+        "--num_digits_images", type=int, default=None, help="use only the first N digits (default: all 1797)"
+    )
     data.add_argument("--num_workers", type=int, default=0, help="DataLoader workers for the pretraining views")
 
     model = parser.add_argument_group("models")
@@ -166,18 +195,21 @@ def stellar_config(args) -> StellarConfig:
     overrides = pretrain_example.parse_overrides(args.config_overrides)
     fields = {**pretrain_example.SMALL_SYNTHETIC_CONFIG, "image_size": args.image_size}
     patch_size = overrides.get("patch_size", fields["patch_size"])
-    fields["local_image_size"] = max(patch_size, args.image_size // 2 // patch_size * patch_size)
+    image_size = overrides.get("image_size", args.image_size)
+    fields["local_image_size"] = max(patch_size, image_size // 2 // patch_size * patch_size)
     unknown = [key for key in overrides if not hasattr(StellarConfig(), key)]
     if unknown:
         raise SystemExit(f"error: --config_overrides names unknown StellarConfig fields: {unknown}")
     config = StellarConfig(**{**fields, **overrides})
     if config.reconstruction_target != "pixel":
-        raise SystemExit("error: the comparison uses the pixel reconstruction target (MAE's); drop reconstruction_target")
+        raise SystemExit(
+            "error: the comparison uses the pixel reconstruction target (MAE's); drop reconstruction_target"
+        )
     return config
 
 
 def mae_config(config: StellarConfig, mask_ratio: float):
-    """A `ViTMAEConfig` with STELLAR's encoder and decoder sizes, predicting un-normalised-per-patch pixels."""
+    """A `ViTMAEConfig` with STELLAR's encoder and decoder sizes; its target is the pixels, not normalised per patch."""
     from transformers import ViTMAEConfig
 
     return ViTMAEConfig(
@@ -368,7 +400,9 @@ def pretrain_pair(stellar, mae, dataset, args, device: torch.device) -> dict:
             noise = torch.rand((args.batch_size, num_patches), generator=noise_generator).to(device)
             started = time.perf_counter()
             outputs = mae(pixel_values=inputs["pixel_values"], noise=noise)
-            losses["mae"].append(train_step(mae, outputs.loss, optimizer, scheduler, defaults.max_grad_norm, "MAE", step))
+            losses["mae"].append(
+                train_step(mae, outputs.loss, optimizer, scheduler, defaults.max_grad_norm, "MAE", step)
+            )
             synchronize(device)
             seconds["mae"] += time.perf_counter() - started
 
@@ -481,7 +515,9 @@ def probe_scores(train, evaluation, column: int, num_classes: int, seed: int) ->
 def encoder_features(stellar, mae, loaders, device: torch.device, progress: bool) -> dict:
     """Frozen features of both models on each loader: `{"stellar": [(features, labels), ...], "mae": [...]}`."""
     return {
-        "stellar": [extract_features(stellar.stellar, loader, "pooled", device, progress=progress) for loader in loaders],
+        "stellar": [
+            extract_features(stellar.stellar, loader, "pooled", device, progress=progress) for loader in loaders
+        ],
         "mae": [mae_features(mae, loader, device) for loader in loaders],
     }
 
@@ -617,16 +653,8 @@ def main(argv=None) -> int:
             "warmup_steps": int(defaults.warmup_ratio * args.steps),
             "max_grad_norm": defaults.max_grad_norm,
         },
-        "encoder": {
-            key: getattr(config, key)
-            for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size",
-                        "image_size")
-        },  # fmt: skip
-        "decoder": {
-            key: getattr(config, key)
-            for key in ("decoder_hidden_size", "decoder_num_hidden_layers", "decoder_num_attention_heads",
-                        "decoder_intermediate_size")
-        },  # fmt: skip
+        "encoder": {key: getattr(config, key) for key in ENCODER_FIELDS},
+        "decoder": {key: getattr(config, key) for key in DECODER_FIELDS},
         "stellar": {
             "num_sparse_tokens": config.num_sparse_tokens,
             "num_masked_views": config.num_masked_views,

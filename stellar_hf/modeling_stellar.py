@@ -716,6 +716,25 @@ class StellarReconstructionHeadMixin:
         grid = decoder_tokens.transpose(1, 2).reshape(decoder_tokens.shape[0], -1, height, width)
         return self.reconstruction_head(grid)
 
+    def reconstruct_from_lowrank(
+        self, lowrank_features: torch.Tensor, grid_size: tuple[int, int], vq_tokenizer=None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """
+        Decode low-rank features `(B, h*w, d)` on a `(h, w)` grid.
+
+        Returns:
+            `(reconstruction, logits)`: pixel target -> images `(B, C, h*p, w*p)` and `None`; VQ target -> the VQGAN
+            decoding `(B, C, H, W)` of the argmax codes (or `None` without a tokenizer) and logits `(B, h*w, V)`.
+        """
+        prediction = self.decode_tokens(self.decoder(lowrank_features, grid_size), grid_size)
+        if self.config.reconstruction_target == "pixel":
+            return prediction, None
+        tokenizer = self.get_vq_tokenizer(vq_tokenizer, prediction.device)
+        if tokenizer is None:
+            return None, prediction
+        codes = prediction.argmax(dim=-1).view(prediction.shape[0], *grid_size)
+        return tokenizer.decode(codes), prediction
+
     def vq_targets(self, images: torch.Tensor, tokenizer) -> torch.LongTensor:
         """VQGAN codes `(B, N)` of `images` `(B, C, H, W)` in [0, 1]; resized to `vq_image_size` for 14-px patches."""
         if self.config.patch_size == 14:
@@ -766,25 +785,6 @@ class StellarForImageReconstruction(StellarReconstructionHeadMixin, StellarPreTr
         self.stellar = StellarModel(config)
         self.build_reconstruction_modules(config)
         self.post_init()
-
-    def reconstruct_from_lowrank(
-        self, lowrank_features: torch.Tensor, grid_size: tuple[int, int], vq_tokenizer=None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """
-        Decode low-rank features `(B, h*w, d)` on a `(h, w)` grid.
-
-        Returns:
-            `(reconstruction, logits)`: pixel target -> images `(B, C, h*p, w*p)` and `None`; VQ target -> the VQGAN
-            decoding `(B, C, H, W)` of the argmax codes (or `None` without a tokenizer) and logits `(B, h*w, V)`.
-        """
-        prediction = self.decode_tokens(self.decoder(lowrank_features, grid_size), grid_size)
-        if self.config.reconstruction_target == "pixel":
-            return prediction, None
-        tokenizer = self.get_vq_tokenizer(vq_tokenizer, prediction.device)
-        if tokenizer is None:
-            return None, prediction
-        codes = prediction.argmax(dim=-1).view(prediction.shape[0], *grid_size)
-        return tokenizer.decode(codes), prediction
 
     def reconstruct(
         self,
