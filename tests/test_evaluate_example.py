@@ -10,29 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from stellar_tester import TINY_CONFIG
 
 from stellar_hf import StellarConfig, StellarModel
 from stellar_hf.modeling_stellar import StellarForPreTraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "evaluate.py"
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "image_size": 32,
-    "patch_size": 8,
-    "num_sparse_tokens": 4,
-    "decoder_hidden_size": 16,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 2,
-    "decoder_intermediate_size": 32,
-    "reconstruction_target": "pixel",
-    "num_prototypes": 16,
-    "prototype_dim": 8,
-    "predictor_hidden_size": 32,
-}
+TINY = TINY_CONFIG
 CLASS_COLOURS = {"apple": (220, 30, 30), "grass": (30, 200, 40), "sky": (40, 60, 230)}
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from stellar_tester import TINY_CONFIG
 
 from stellar_hf import StellarConfig, StellarForImageReconstruction
 from stellar_hf.data import SyntheticScenes, normalize
@@ -50,23 +51,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-TINY = {
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "image_size": 32,
-    "patch_size": 8,
-    "num_sparse_tokens": 4,
-    "decoder_hidden_size": 16,
-    "decoder_num_hidden_layers": 1,
-    "decoder_num_attention_heads": 2,
-    "decoder_intermediate_size": 32,
-    "reconstruction_target": "pixel",
-    "num_prototypes": 16,
-    "prototype_dim": 8,
-    "predictor_hidden_size": 32,
-}
+TINY = TINY_CONFIG
 
 
 def tiny_config(**overrides) -> StellarConfig:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from stellar_tester import TINY_CONFIG
 from transformers import AutoImageProcessor
 
 from stellar_hf import StellarConfig, StellarImageProcessor, StellarModel
@@ -20,23 +21,6 @@ from stellar_hf.visualization import denormalize, spatial_map_overlays
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "extract_features.py"
 
-TINY_CONFIG = dict(
-    hidden_size=32,
-    num_hidden_layers=1,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-    num_sparse_tokens=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=32,
-    reconstruction_target="pixel",
-    num_prototypes=16,
-    prototype_dim=8,
-    predictor_hidden_size=32,
-)
 
 
 def sample_images() -> dict[str, np.ndarray]:

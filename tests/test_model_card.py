@@ -5,27 +5,18 @@ import re
 import pytest
 import yaml
 from huggingface_hub import ModelCard
+from stellar_tester import TINY_CONFIG
 
 from stellar_hf import StellarConfig
-from stellar_hf.model_card import IMAGENET_1K, PAPER_RESULTS, TEMPLATE_PATH, architecture_table, render_model_card
-
-TINY = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=64,
-    image_size=32,
-    patch_size=8,
-    num_sparse_tokens=4,
-    decoder_hidden_size=16,
-    decoder_num_hidden_layers=1,
-    decoder_num_attention_heads=2,
-    decoder_intermediate_size=32,
-    reconstruction_target="pixel",
-    num_prototypes=64,
-    prototype_dim=16,
-    predictor_hidden_size=32,
+from stellar_hf.model_card import (
+    IMAGENET_1K,
+    PAPER_RESULTS,
+    TEMPLATE_PATH,
+    architecture_table,
+    render_model_card,
 )
+
+TINY = TINY_CONFIG
 RESULTS = [
     dict(task="image-classification", dataset=IMAGENET_1K, split="validation", metric="accuracy", value=61.5,
          name="kNN top-1 (%)"),
@@ -116,7 +107,7 @@ def test_architecture_and_shapes_come_from_the_config(config):
     assert "width 32, 2 layers, 4 heads, MLP 64" in table
     assert "4 x 4 = 16 patches" in table
     assert "| Sparse tokens r | 4 |" in table
-    assert "64 prototypes of width 16" in table
+    assert f"{config.num_prototypes} prototypes of width {config.prototype_dim}" in table
     assert "pixels" in table
     vq_table = architecture_table(StellarConfig())
     assert "ViT-B/16" in vq_table and "1024 codes" in vq_table

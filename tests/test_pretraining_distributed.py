@@ -6,6 +6,7 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from stellar_tester import TINY_CONFIG
 
 from stellar_hf import StellarConfig
 from stellar_hf.modeling_stellar import StellarForPreTraining
@@ -14,13 +15,7 @@ BATCH = 4
 
 
 def tiny_config() -> StellarConfig:
-    return StellarConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=32,
-        patch_size=8, num_sparse_tokens=4, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32, reconstruction_target="pixel",
-        num_prototypes=16, prototype_dim=8, predictor_hidden_size=32, num_masked_views=2, num_local_views=1,
-        local_image_size=16,
-    )  # fmt: skip
+    return StellarConfig(**{**TINY_CONFIG, "num_local_views": 1})
 
 
 def make_inputs(config: StellarConfig) -> dict:
