@@ -107,7 +107,7 @@ def test_architecture_and_shapes_come_from_the_config(config):
     assert "width 32, 2 layers, 4 heads, MLP 64" in table
     assert "4 x 4 = 16 patches" in table
     assert "| Sparse tokens r | 4 |" in table
-    assert f"{config.num_prototypes} prototypes of width {config.prototype_dim}" in table
+    assert "32 prototypes of width 16" in table
     assert "pixels" in table
     vq_table = architecture_table(StellarConfig())
     assert "ViT-B/16" in vq_table and "1024 codes" in vq_table
