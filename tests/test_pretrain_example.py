@@ -9,30 +9,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from stellar_tester import TINY_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
-TINY_OVERRIDES = ",".join(
-    [
-        "hidden_size=32",
-        "num_hidden_layers=1",
-        "num_attention_heads=2",
-        "intermediate_size=64",
-        "image_size=32",
-        "patch_size=8",
-        "num_sparse_tokens=4",
-        "decoder_hidden_size=16",
-        "decoder_num_hidden_layers=1",
-        "decoder_num_attention_heads=2",
-        "decoder_intermediate_size=32",
-        "num_prototypes=32",
-        "prototype_dim=8",
-        "predictor_hidden_size=32",
-        "num_masked_views=2",
-        "num_local_views=2",
-        "local_image_size=16",
-    ]
-)
+# The shared tiny model, as `--config_overrides` text.
+TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY_CONFIG.items())
 
 
 def run_pretrain(output_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
