@@ -3,6 +3,7 @@
     python benchmarks/inference.py                                   # CPU, fp32, ViT-S/16 and ViT-B/16
     python benchmarks/inference.py --device cuda --dtype bf16 --repeats 50
     python benchmarks/inference.py --models s16 --repeats 5 --profile
+    python benchmarks/inference.py --scaling --repeats 3 --warmup 1 --threads 1   # time and memory sweeps
 
 Both models get the same widths, depth, heads, MLP, patch size and image size, SDPA attention, random weights and
 the same normalised input batch. `ViTModel` runs without its pooler (`add_pooling_layer=False`); `StellarModel`
@@ -20,6 +21,19 @@ steadiest of the four when other jobs share the machine; `tokens` = sequence len
 the ratio of counted forward FLOPs (attention grows with the square of the sequence, and the factorization adds two
 d x d projections), the floor a perfect implementation would reach. Prints a table, then one JSON line (the last line of the
 output) with every number.
+
+`--scaling` measures instead how STELLAR's forward time and peak memory grow, for one backbone (`--models`, s16 by
+default), in three sweeps that each vary one factor with the others at `--batch_size`, `--image_size` and
+`--num_sparse_tokens`: the number of sparse tokens r (`--scaling_tokens`), the resolution (`--scaling_resolutions`,
+position embeddings interpolated from the `--image_size` grid, for both models) and the batch (`--scaling_batches`).
+ViTModel at the same resolution and batch is the reference column, timed interleaved with STELLAR at every point
+(in the token sweep it does not depend on r; re-measuring it shows the drift between points). Memory is the peak of the bytes allocated during one forward call above what was allocated before it
+(activations, temporaries and outputs; weights and input excluded): on CUDA `torch.cuda.max_memory_allocated` after
+`reset_peak_memory_stats` minus the allocation at the start (the total peak is reported too); on CPU the running
+maximum of the summed allocation (+) and free (-) events that `torch.profiler` records with `profile_memory=True`, in
+the order they happened. On CUDA the sweeps are repeated in bf16 with SDPA and, when `flash_attn` is importable, with
+flash_attention_2 (the GPU section); on CPU that section is skipped with a printed reason. One table per sweep, and the
+JSON line carries everything under "scaling".
 """
 
 import argparse
@@ -56,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--num_sparse_tokens", type=int, default=16, help="r, the sparse tokens of STELLAR")
-    parser.add_argument("--models", default="s16,b16", help=f"comma-separated backbones from {sorted(BACKBONES)}")
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated backbones from {sorted(BACKBONES)} (s16,b16; s16 for --scaling)",
+    )
     parser.add_argument("--repeats", type=int, default=20, help="timed forward calls per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed forward calls per model first")
     parser.add_argument("--attn_implementation", default="sdpa", choices=["sdpa", "eager"])
@@ -65,7 +83,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", action="store_true", help="after timing, print torch.profiler's top operators for both models"
     )
+    parser.add_argument("--scaling", action="store_true", help="time and memory sweeps over r, resolution and batch")
+    parser.add_argument("--scaling_tokens", default="1,4,16,64,196", help="r values of the token sweep")
+    parser.add_argument("--scaling_resolutions", default="160,224,320", help="image sizes of the resolution sweep")
+    parser.add_argument("--scaling_batches", default="1,4,16", help="batch sizes of the batch sweep")
     args = parser.parse_args(argv)
+    if args.models is None:
+        args.models = "s16" if args.scaling else "s16,b16"
+    try:
+        for key in ("scaling_tokens", "scaling_resolutions", "scaling_batches"):
+            setattr(args, key, [int(value) for value in getattr(args, key).split(",") if value.strip()])
+    except ValueError:
+        parser.error("--scaling_tokens, --scaling_resolutions and --scaling_batches take comma-separated integers")
     unknown = [name for name in args.models.split(",") if name not in BACKBONES]
     if unknown:
         parser.error(f"unknown --models {unknown}; choose from {sorted(BACKBONES)}")
@@ -182,21 +211,219 @@ def profile_models(models: dict[str, torch.nn.Module], pixel_values: torch.Tenso
             print(profiler.key_averages().table(sort_by=sort_by, row_limit=rows))
 
 
+def describe_device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    name = platform.processor()
+    try:  # platform.processor() is often empty on Linux
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def peak_forward_bytes(model: torch.nn.Module, pixel_values: torch.Tensor, device: str) -> tuple[int, int | None]:
+    """
+    (peak bytes allocated during one forward call above the allocation before it, total peak or None).
+
+    CUDA: the caching allocator's counters. CPU: torch.profiler's memory events (+bytes on allocation, -bytes on
+    free) in time order, summed; the running maximum is the peak of live bytes the call added. Tensors that exist
+    before the call (weights, input) are not counted.
+    """
+    with torch.inference_mode():
+        if device.startswith("cuda"):
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            model(pixel_values=pixel_values)
+            synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            return peak - before, peak
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            model(pixel_values=pixel_values)
+    events = [
+        (event.start_ns(), event.nbytes())
+        for event in profiler.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for _, nbytes in sorted(events):
+        live += nbytes
+        peak = max(peak, live)
+    return peak, None
+
+
+def measure_point(
+    name: str,
+    args: argparse.Namespace,
+    batch_size: int,
+    image_size: int,
+    num_sparse_tokens: int,
+    dtype_name: str,
+    attn_implementation: str,
+    with_vit: bool = True,
+) -> dict:
+    """Median forward time and peak memory of StellarModel (and ViTModel) at one point of a sweep."""
+    point = argparse.Namespace(**vars(args))
+    point.num_sparse_tokens, point.dtype, point.attn_implementation = (
+        num_sparse_tokens,
+        dtype_name,
+        attn_implementation,
+    )
+    torch.manual_seed(args.seed)
+    stellar, vit = build_models(name, point)  # built at --image_size; other sizes interpolate the position embeddings
+    generator = torch.Generator().manual_seed(args.seed)
+    pixel_values = torch.randn(batch_size, 3, image_size, image_size, generator=generator)
+    pixel_values = pixel_values.to(device=args.device, dtype=DTYPES[dtype_name])
+    interpolate = image_size != args.image_size
+
+    def wrap(model):
+        return lambda pixel_values: model(pixel_values=pixel_values, interpolate_pos_encoding=interpolate)
+
+    class Call(torch.nn.Module):  # keeps the `model(pixel_values=...)` calling convention of the helpers
+        def __init__(self, model):
+            super().__init__()
+            self.call = wrap(model)
+
+        def forward(self, pixel_values):
+            return self.call(pixel_values)
+
+    models = {"StellarModel": Call(stellar)}
+    if with_vit:
+        models["ViTModel"] = Call(vit)
+    times, _ = time_side_by_side(models, pixel_values, args.repeats, args.warmup, args.device)
+    row = {
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "num_sparse_tokens": num_sparse_tokens,
+        "sequence": 1 + (image_size // BACKBONES[name][4]) ** 2 + num_sparse_tokens,
+    }
+    for label, key in (("StellarModel", "stellar"), ("ViTModel", "vit")):
+        if label not in models:
+            continue
+        peak, total = peak_forward_bytes(models[label], pixel_values, args.device)
+        row[f"{key}_ms"] = round(statistics.median(times[label]) * 1e3, 2)
+        row[f"{key}_peak_mib"] = round(peak / 2**20, 1)
+        if total is not None:
+            row[f"{key}_total_peak_mib"] = round(total / 2**20, 1)
+    del stellar, vit, models
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_sweeps(name: str, args: argparse.Namespace, dtype_name: str, attn_implementation: str, title: str) -> dict:
+    """The three sweeps at one dtype / attention implementation; prints one table per sweep."""
+    b, s, r = args.batch_size, args.image_size, args.num_sparse_tokens
+    sweeps = {}
+    rows = []
+    for tokens in args.scaling_tokens:  # ViT does not see r, but is re-measured, interleaved, at every point
+        rows.append(measure_point(name, args, b, s, tokens, dtype_name, attn_implementation))
+    sweeps["tokens"] = rows
+    sweeps["resolution"] = [
+        measure_point(name, args, b, size, r, dtype_name, attn_implementation) for size in args.scaling_resolutions
+    ]
+    sweeps["batch"] = [
+        measure_point(name, args, batch, s, r, dtype_name, attn_implementation) for batch in args.scaling_batches
+    ]
+    labels = {
+        "tokens": ("r", "num_sparse_tokens"),
+        "resolution": ("px", "image_size"),
+        "batch": ("batch", "batch_size"),
+    }
+    for sweep, sweep_rows in sweeps.items():
+        label, key = labels[sweep]
+        fixed = {"tokens": f"batch {b}, {s} px", "resolution": f"batch {b}, r = {r}", "batch": f"{s} px, r = {r}"}
+        print(f"\n{title}: {sweep} sweep ({fixed[sweep]})")
+        header = (
+            f"{label:>6} {'seq':>5} {'Stellar ms':>11} {'ViT ms':>9} {'ratio':>6} "
+            f"{'Stellar MiB':>12} {'ViT MiB':>9} {'ratio':>6}"
+        )
+        print(header)
+        print("-" * len(header))
+        for row in sweep_rows:
+            print(
+                f"{row[key]:>6} {row['sequence']:>5} {row['stellar_ms']:>11.1f} {row['vit_ms']:>9.1f} "
+                f"{row['stellar_ms'] / row['vit_ms']:>6.3f} {row['stellar_peak_mib']:>12.1f} "
+                f"{row['vit_peak_mib']:>9.1f} {row['stellar_peak_mib'] / max(row['vit_peak_mib'], 1e-9):>6.3f}"
+            )
+    return sweeps
+
+
+def main_scaling(args: argparse.Namespace, device_name: str) -> dict:
+    name = args.models.split(",")[0]
+    if "," in args.models:
+        print(f"note: --scaling measures one backbone; using {name}", file=sys.stderr)
+    print(
+        f"scaling: {name}, device {args.device} ({device_name}), torch {torch.__version__}, "
+        f"threads {torch.get_num_threads()}, defaults batch {args.batch_size}, {args.image_size} px, "
+        f"r = {args.num_sparse_tokens}, median of {args.repeats} (warmup {args.warmup}); memory = peak MiB allocated "
+        f"during one forward above the allocation before it"
+    )
+    scaling = {
+        "model": name,
+        "main": {
+            "dtype": args.dtype,
+            "attn_implementation": args.attn_implementation,
+            "sweeps": run_sweeps(
+                name, args, args.dtype, args.attn_implementation, f"{args.dtype} {args.attn_implementation}"
+            ),
+        },
+    }
+    gpu = {"ran": False}
+    if not args.device.startswith("cuda"):
+        gpu["skipped"] = f"no GPU section on device {args.device!r} (it runs with --device cuda)"
+        print(f"\nGPU section skipped: {gpu['skipped']}")
+    else:
+        gpu["ran"] = True
+        implementations = ["sdpa"]
+        try:
+            import flash_attn  # noqa: F401
+
+            implementations.append("flash_attention_2")
+        except ImportError as error:
+            gpu["flash_attention_2_skipped"] = f"flash_attn is not importable ({error})"
+            print(f"\nflash_attention_2 skipped: {gpu['flash_attention_2_skipped']}")
+        for implementation in implementations:
+            try:
+                gpu[f"bf16_{implementation}"] = run_sweeps(
+                    name, args, "bf16", implementation, f"GPU bf16 {implementation}"
+                )
+            except (ImportError, ValueError, RuntimeError, NotImplementedError) as error:  # unsupported attention
+                gpu[f"bf16_{implementation}_skipped"] = f"{type(error).__name__}: {error}"
+                print(f"\nGPU bf16 {implementation} skipped: {gpu[f'bf16_{implementation}_skipped']}")
+    scaling["gpu"] = gpu
+    summary = {
+        "benchmark": "inference",
+        "mode": "scaling",
+        "device": args.device,
+        "device_name": device_name,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "num_sparse_tokens": args.num_sparse_tokens,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "scaling": scaling,
+    }
+    print(json.dumps(summary))
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     dtype = DTYPES[args.dtype]
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor()
-    if not args.device.startswith("cuda"):
-        try:  # platform.processor() is often empty on Linux
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+    device_name = describe_device(args.device)
+    if args.scaling:
+        return main_scaling(args, device_name)
     results = []
     for name in args.models.split(","):
         stellar, vit = build_models(name, args)
