@@ -204,8 +204,10 @@ def gather_matched_targets(assignments: torch.Tensor, index: torch.Tensor) -> to
             f"index must be (B * V, r) with B = {batch_size}, got {tuple(index.shape)}"
         )
     num_views = index.shape[0] // batch_size
-    per_view = assignments.repeat_interleave(num_views, dim=0)  # (B * V, r', C), image-major
-    return per_view.gather(1, index.unsqueeze(-1).expand(-1, -1, num_prototypes))
+    num_targets = assignments.shape[1]
+    # One lookup into the (B * r', C) rows, without materialising a per-view copy of the assignments.
+    image = torch.arange(index.shape[0], device=index.device) // num_views
+    return assignments.reshape(-1, num_prototypes)[image.unsqueeze(1) * num_targets + index]
 
 
 def koleo_loss(tokens: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
