@@ -553,10 +553,7 @@ def main(argv=None) -> int:
     results = None if args.skip_final_evaluation else run_probes(model, args, config, accelerator)
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
-        crop = config.image_size
-        StellarImageProcessor(
-            size={"shortest_edge": crop * 256 // 224}, crop_size={"height": crop, "width": crop}
-        ).save_pretrained(output_dir)
+        StellarImageProcessor.from_model_config(config).save_pretrained(output_dir)
         if last_batch is not None:
             save_images(model, last_batch, config, output_dir, "final", accelerator)
         summary = {

@@ -580,16 +580,6 @@ def compare_models(reference: StellarPreTrainedModel, other: StellarPreTrainedMo
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def image_processor_for(config: StellarConfig) -> StellarImageProcessor:
-    """The original's evaluation preprocessing (resize to 256 / 224 of the crop, centre crop) at the model's size."""
-    return StellarImageProcessor(
-        size={"shortest_edge": round(config.image_size * 256 / 224)},
-        crop_size={"height": config.image_size, "width": config.image_size},
-        image_mean=list(config.image_mean),
-        image_std=list(config.image_std),
-    )
-
-
 def convert_checkpoint(
     checkpoint_path: str | Path,
     output_dir: str | Path,
@@ -637,7 +627,7 @@ def convert_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
-    image_processor_for(config).save_pretrained(output_dir)
+    StellarImageProcessor.from_model_config(config).save_pretrained(output_dir)
     write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=push_to_hub)
 
     # transformers can leave parameters at their initial values without complaint: compare values, then outputs.

@@ -33,6 +33,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
+from .image_processing_stellar import evaluation_resize
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -770,7 +772,7 @@ class EvalTransform:
         interpolation: Union[str, InterpolationMode] = "bicubic",
     ):
         self.image_size = int(image_size)
-        self.resize_size = int(image_size * 256 / 224) if resize_size is None else int(resize_size)
+        self.resize_size = evaluation_resize(image_size) if resize_size is None else int(resize_size)
         if self.resize_size < self.image_size:
             raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
         self.interpolation = _interpolation(interpolation)

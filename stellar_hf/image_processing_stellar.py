@@ -4,6 +4,11 @@ from transformers.image_processing_backends import PilBackend, TorchvisionBacken
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 
+def evaluation_resize(crop_size: int) -> int:
+    """Shorter side to resize to before the centre crop: 256 / 224 of the crop, as the original evaluates."""
+    return int(crop_size * 256 / 224)
+
+
 class StellarImageProcessingDefaults:
     """
     The original's evaluation transform: shorter side to 256 (bicubic), centre crop 224, rescale to [0, 1], then
@@ -23,6 +28,16 @@ class StellarImageProcessingDefaults:
     do_normalize = True
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
+
+    @classmethod
+    def from_model_config(cls, config):
+        """A processor for a model with `config` (a `StellarConfig`): its crop size, resize rule and statistics."""
+        return cls(
+            size={"shortest_edge": evaluation_resize(config.image_size)},
+            crop_size={"height": config.image_size, "width": config.image_size},
+            image_mean=list(config.image_mean),
+            image_std=list(config.image_std),
+        )
 
     def to_dict(self) -> dict:
         output = super().to_dict()
@@ -47,4 +62,4 @@ class StellarImageProcessorFast(StellarImageProcessingDefaults, TorchvisionBacke
     """STELLAR preprocessing with torchvision, batched and on any device. See [`StellarImageProcessingDefaults`]."""
 
 
-__all__ = ["StellarImageProcessor", "StellarImageProcessorFast"]
+__all__ = ["StellarImageProcessor", "StellarImageProcessorFast", "evaluation_resize"]
