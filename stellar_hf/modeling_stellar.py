@@ -142,8 +142,17 @@ class StellarPatchEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+    def forward(self, pixel_values: torch.Tensor, keep_indices: torch.LongTensor | None = None) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, N, d)`, or only the patches `keep_indices` `(B, N_keep)` -> `(B, N_keep, d)`."""
+        if keep_indices is None:
+            return self.projection(pixel_values).flatten(2).transpose(1, 2)
+        # The strided convolution is one matmul per patch: project only the kept patches (masked views keep 20%).
+        batch_size, channels = pixel_values.shape[:2]
+        size = self.projection.kernel_size[0]
+        patches = pixel_values.unfold(2, size, size).unfold(3, size, size)  # (B, C, h, w, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch_size, -1, channels * size * size)
+        patches = torch.gather(patches, 1, keep_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+        return F.linear(patches, self.projection.weight.flatten(1), self.projection.bias)
 
 
 class StellarEmbeddings(nn.Module):
@@ -207,18 +216,20 @@ class StellarEmbeddings(nn.Module):
             `(B, 1 + N_keep + r, d)` embeddings.
         """
         batch_size, _, height, width = pixel_values.shape
-        patches = self.patch_embeddings(pixel_values)
+        patches = self.patch_embeddings(pixel_values, patch_keep_indices)
+        num_patches = (height // self.patch_size) * (width // self.patch_size)
         same_size = height == self.image_size and width == self.image_size
         if interpolate_pos_encoding is False and not same_size:
             raise ValueError(
                 f"Input image size ({height}x{width}) doesn't match the model ({self.image_size}x{self.image_size}); "
                 "pass interpolate_pos_encoding=True (or None) to resize the position embeddings"
             )
-        positions = self.interpolate_pos_encoding(patches.shape[1], height, width)
+        positions = self.interpolate_pos_encoding(num_patches, height, width)
         cls_token = self.cls_token.expand(batch_size, -1, -1) + positions[:, :1]
-        patches = patches + positions[:, 1:]
+        patch_positions = positions[:, 1:]
         if patch_keep_indices is not None:
-            patches = torch.gather(patches, 1, patch_keep_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
+            patch_positions = patch_positions[0][patch_keep_indices]  # (B, N_keep, d)
+        patches = patches + patch_positions
         sparse_tokens = self.sparse_tokens.unsqueeze(0).expand(batch_size, -1, -1).to(patches.dtype)
         embeddings = torch.cat((cls_token, patches, sparse_tokens), dim=1)
         return self.dropout(embeddings)
@@ -270,12 +281,19 @@ class StellarAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        query_rows: torch.LongTensor | slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(B, S, D)` -> `(B, S, D)` and, when asked, the attention probabilities `(B, heads, S, S)`."""
+        """
+        `(B, S, D)` -> `(B, S, D)` and, when asked, the attention probabilities `(B, heads, S, S)`. With
+        `query_rows` (an index tensor or slice over S), only those rows attend: `(B, S_q, D)`.
+        """
         batch_size, length, _ = hidden_states.shape
+        queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
         shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        query = self.q_proj(queries).view(batch_size, queries.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
         value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         attention_function: Callable = eager_attention_forward
@@ -293,7 +311,7 @@ class StellarAttention(nn.Module):
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
         )
-        output = self.o_proj(output.reshape(batch_size, length, -1))
+        output = self.o_proj(output.reshape(batch_size, queries.shape[1], -1))
         return output, probabilities if output_attentions else None
 
 
@@ -322,9 +340,17 @@ class StellarLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        output_rows: torch.LongTensor | slice | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attention_output, probabilities = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        """`(B, S, D)` -> `(B, S, D)`, or `(B, S_out, D)` for `output_rows` (keys and values still use every row)."""
+        attention_output, probabilities = self.attention(
+            self.layernorm_before(hidden_states), output_attentions, query_rows=output_rows
+        )
+        if output_rows is not None:
+            hidden_states = hidden_states[:, output_rows]
         hidden_states = hidden_states + self.dropout(attention_output)
         hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
         return hidden_states, probabilities
@@ -341,7 +367,11 @@ class StellarTransformer(nn.Module):
         self.layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False, output_hidden_states: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+        output_rows: torch.LongTensor | slice | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
         """
         Args:
@@ -354,8 +384,13 @@ class StellarTransformer(nn.Module):
         """
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
-        for layer in self.layers:
-            hidden_states, probabilities = layer(hidden_states, output_attentions=output_attentions)
+        if output_rows is not None and (output_attentions or output_hidden_states):
+            raise ValueError("output_rows cannot be combined with output_attentions or output_hidden_states")
+        last = len(self.layers) - 1
+        for index, layer in enumerate(self.layers):
+            # Only the last layer can skip rows: every earlier output is a key and value of the next layer.
+            rows = output_rows if index == last else None
+            hidden_states, probabilities = layer(hidden_states, output_attentions=output_attentions, output_rows=rows)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
             if output_attentions:
@@ -561,6 +596,7 @@ class StellarModel(StellarPreTrainedModel):
         patch_keep_indices: torch.LongTensor | None = None,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        output_rows: torch.LongTensor | slice | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
         """
         Run the encoder only (no factorization), as masked and local views need.
@@ -568,14 +604,19 @@ class StellarModel(StellarPreTrainedModel):
         Args:
             pixel_values: `(B, C, H, W)`, normalised.
             patch_keep_indices: `(B, N_keep)` patches to keep, or `None` for all N.
+            output_rows: positions of the sequence to return (an index tensor or a slice), or `None` for all. The
+                last layer then computes only those rows (its keys and values still come from every row), which
+                is what masked and local views need: their CLS and sparse tokens. Not with attentions or hidden
+                states.
 
         Returns:
-            the sequence `(B, 1 + N_keep + r, d)` after the final LayerNorm, hidden states and attentions.
+            the sequence `(B, 1 + N_keep + r, d)` (or `(B, len(output_rows), d)`) after the final LayerNorm, hidden
+            states and attentions.
         """
         check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, patch_keep_indices)
-        return self.encoder(embeddings, output_attentions, output_hidden_states)
+        return self.encoder(embeddings, output_attentions, output_hidden_states, output_rows=output_rows)
 
     def split_sequence(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`(B, 1 + N + r, d)` -> CLS `(B, d)`, patches `(B, N, d)`, sparse tokens `(B, r, d)`."""
@@ -1140,27 +1181,36 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
             cls_clustering_loss = clustering_cross_entropy(cls_logits, cls_assignments, config.prediction_temperature)
 
         mask_loss, cls_loss = zero, zero
+        view_cls = []  # CLS tokens of the masked and of the local views, each (B * V, d)
         num_masked = min(config.num_masked_views, global_views.shape[1]) if global_views is not None else 0
         if num_masked > 0:
             views = global_views[:, :num_masked].flatten(0, 1)
             keep_indices = self.masked_keep_indices(
                 views.shape[0], grid_size_of(views, config.patch_size), mask_noise, generator, views.device
             )
-            masked_sequence = self.stellar.encode(views, patch_keep_indices=keep_indices)[0]
-            masked_cls, _, masked_sparse = self.stellar.split_sequence(masked_sequence)
+            # Only CLS and the sparse tokens of a masked view are read, so the last layer computes just those rows.
+            length = config.num_prefix_tokens + keep_indices.shape[1] + config.num_sparse_tokens
+            rows = torch.cat(
+                (
+                    torch.zeros(1, dtype=torch.long, device=views.device),
+                    torch.arange(length - config.num_sparse_tokens, length, device=views.device),
+                )
+            )
+            masked_sequence = self.stellar.encode(views, patch_keep_indices=keep_indices, output_rows=rows)[0]
+            masked_sparse = masked_sequence[:, 1:]
+            view_cls.append(masked_sequence[:, 0])
             total_koleo = total_koleo + config.koleo_weight * koleo_loss(masked_sparse)
             masked_logits = self.sparse_clustering_head(masked_sparse)
             mask_loss = self.matched_clustering_loss(masked_sparse, masked_logits, target_tokens, assignments)
-            if cls_assignments is not None:
-                cls_loss = cls_loss + self.view_cls_loss(masked_cls, cls_assignments)
         num_local = min(config.num_local_views, local_views.shape[1]) if local_views is not None else 0
         if num_local > 0 and cls_assignments is not None:
             views = local_views[:, :num_local].flatten(0, 1)
             # Local crops need not be a multiple of the patch size (96 px with 14-px patches): the original's
-            # strided patch convolution ignores the remainder, so drop it here too.
+            # strided patch convolution ignores the remainder, so drop it here too. Only CLS is read.
             height, width = (side - side % config.patch_size for side in views.shape[-2:])
-            local_sequence = self.stellar.encode(views[..., :height, :width])[0]
-            cls_loss = cls_loss + self.view_cls_loss(local_sequence[:, 0], cls_assignments)
+            view_cls.append(self.stellar.encode(views[..., :height, :width], output_rows=slice(0, 1))[0][:, 0])
+        if cls_assignments is not None and view_cls:
+            cls_loss = self.view_cls_loss(view_cls, cls_assignments)
 
         loss = (
             config.effective_reconstruction_weight * reconstruction_loss
@@ -1211,12 +1261,21 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         targets = gather_matched_targets(assignments, index)
         return clustering_cross_entropy(predicted_logits, targets, self.config.prediction_temperature)
 
-    def view_cls_loss(self, view_cls: torch.Tensor, cls_assignments: torch.Tensor) -> torch.Tensor:
-        """CLS `(B * V, d)` of V views per image (image-major) predicting their image's CLS targets `(B, 1, C)`."""
-        num_views = view_cls.shape[0] // cls_assignments.shape[0]
-        logits = self.cls_clustering_head(view_cls.unsqueeze(1))
-        targets = cls_assignments.repeat_interleave(num_views, dim=0)
-        return clustering_cross_entropy(logits, targets, self.config.prediction_temperature)
+    def view_cls_loss(self, view_cls: list[torch.Tensor], cls_assignments: torch.Tensor) -> torch.Tensor:
+        """
+        CLS tokens of groups of views predicting their image's CLS targets; the loss is the sum of each group's mean.
+
+        Args:
+            view_cls: one `(B * V_g, d)` tensor per group (masked views, local views), rows image-major.
+            cls_assignments: `(B, 1, C)` targets of the B images.
+        """
+        # One head call for every group, then each group's mean on its own rows.
+        logits = self.cls_clustering_head(torch.cat(view_cls).unsqueeze(1))
+        loss = cls_assignments.new_zeros(())
+        for group_logits, group in zip(logits.split([len(tokens) for tokens in view_cls]), view_cls):
+            targets = cls_assignments.repeat_interleave(len(group) // len(cls_assignments), dim=0)
+            loss = loss + clustering_cross_entropy(group_logits, targets, self.config.prediction_temperature)
+        return loss
 
 
 __all__ = [

@@ -50,6 +50,7 @@ from stellar_hf import (
     StellarModel,
     StellarModelOutput,
 )
+from stellar_hf.losses_stellar import clustering_cross_entropy
 from stellar_hf.modeling_stellar import StellarForPreTraining, StellarMLP
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -758,6 +759,79 @@ def test_local_views_drop_the_remainder_of_the_patch_grid():
     inputs["local_views"] = torch.randn(BATCH_SIZE, 2, 3, 12, 12, generator=generator)
     cropped = {**inputs, "local_views": inputs["local_views"][..., :8, :8]}
     torch.testing.assert_close(model(**inputs).cls_loss, model(**cropped).cls_loss, rtol=0, atol=0)
+
+
+def parameter_gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradient of `loss` for every parameter that gets one."""
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    gradients = torch.autograd.grad(loss, [parameter for _, parameter in named], allow_unused=True)
+    return {name: gradient for (name, _), gradient in zip(named, gradients) if gradient is not None}
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [slice(0, 1), torch.tensor([0, 13, 14, 15, 16]), torch.tensor([16, 2, 0])],
+    ids=["cls-slice", "cls-and-sparse", "unordered"],
+)
+def test_encode_output_rows_equal_the_full_sequence_rows(rows):
+    # The last layer computes only the rows asked for (keys and values from every row): values and every parameter
+    # gradient must match the full sequence indexed afterwards.
+    model = build_model(MODEL)
+    pixel_values = make_pixel_values()
+    keep = torch.tensor([[0, 3, 5, 6, 8, 9, 10, 11, 12, 15, 1, 2], [15, 14, 1, 0, 4, 7, 2, 3, 5, 6, 8, 9]])
+    full = model.encode(pixel_values, patch_keep_indices=keep)[0][:, rows]
+    partial = model.encode(pixel_values, patch_keep_indices=keep, output_rows=rows)[0]
+    torch.testing.assert_close(partial, full, rtol=0, atol=1e-5)
+    weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(0))
+    expected = parameter_gradients(model, (full * weights).sum())
+    actual = parameter_gradients(model, (partial * weights).sum())
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_encode_output_rows_refuses_hidden_states_and_attentions():
+    model = build_model(MODEL, perturb=False)
+    for flag in ("output_attentions", "output_hidden_states"):
+        with pytest.raises(ValueError, match="output_rows"):
+            model.encode(make_pixel_values(), output_rows=slice(0, 1), **{flag: True})
+
+
+def test_kept_patch_embeddings_equal_the_full_embeddings_rows():
+    # Masked views project only their kept patches (a matmul with the convolution's weight) and add their position
+    # embeddings: same sequence and same gradients as embedding every patch and keeping the rows afterwards.
+    model = build_model(MODEL)
+    pixel_values = make_pixel_values(height=32, width=48)  # a 4 x 6 grid: interpolated positions
+    keep = torch.stack([torch.randperm(24, generator=torch.Generator().manual_seed(seed))[:7] for seed in (0, 1)])
+    full = model.embeddings(pixel_values)
+    patches = full[:, 1:25].gather(1, keep.unsqueeze(-1).expand(-1, -1, HIDDEN))
+    expected = torch.cat((full[:, :1], patches, full[:, 25:]), dim=1)
+    actual = model.embeddings(pixel_values, patch_keep_indices=keep)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+    weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
+    expected_gradients = parameter_gradients(model.embeddings, (expected * weights).sum())
+    actual_gradients = parameter_gradients(model.embeddings, (actual * weights).sum())
+    assert actual_gradients.keys() == expected_gradients.keys()
+    for name in expected_gradients:
+        torch.testing.assert_close(actual_gradients[name], expected_gradients[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_view_cls_loss_is_the_sum_of_each_group_mean():
+    model = build_model(PRETRAINING)
+    generator = torch.Generator().manual_seed(0)
+    assignments = torch.softmax(torch.randn(BATCH_SIZE, 1, model.config.num_prototypes, generator=generator), -1)
+    masked_cls = torch.randn(BATCH_SIZE * 2, HIDDEN, generator=generator)
+    local_cls = torch.randn(BATCH_SIZE * 3, HIDDEN, generator=generator)
+    temperature = model.config.prediction_temperature
+    expected = sum(
+        clustering_cross_entropy(
+            model.cls_clustering_head(tokens.unsqueeze(1)),
+            assignments.repeat_interleave(len(tokens) // BATCH_SIZE, dim=0),
+            temperature,
+        )
+        for tokens in (masked_cls, local_cls)
+    )
+    torch.testing.assert_close(model.view_cls_loss([masked_cls, local_cls], assignments), expected, rtol=0, atol=1e-6)
 
 
 UNWORKABLE_CONFIGS = [
