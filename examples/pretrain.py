@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -130,6 +131,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
     optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="default: accelerate config")
     optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument(
+        "--cpu_threads",
+        type=int,
+        default=None,
+        help="intra-op threads per process of a CPU run (default: the physical cores shared among the local "
+        "processes; `accelerate launch` without --cpu would leave it at OMP_NUM_THREADS=1)",
+    )
 
     run = parser.add_argument_group("checkpoints, logging and publishing")
     run.add_argument("--output_dir", default="outputs/stellar-pretrain")
@@ -236,6 +244,22 @@ def build_dataset(args, config: StellarConfig):
         description = f"built-in synthetic scenes ({args.num_synthetic_images} images, {config.image_size} px)"
     dataset = PretrainingDataset(source, transform, args.image_column_name, args.label_column_name, seed=args.seed)
     return dataset, description
+
+
+def cpu_thread_count(requested: int | None, num_local_processes: int) -> int:
+    """
+    Intra-op threads for each process of a CPU run: `requested`, or the physical cores this process may use divided
+    among the local processes (the rule of `accelerate launch --cpu`).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise SystemExit(f"error: --cpu_threads must be at least 1, got {requested}")
+        return requested
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    physical = min(psutil.cpu_count(logical=False) or usable, usable)
+    return max(1, physical // max(num_local_processes, 1))
 
 
 def no_decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -416,6 +440,10 @@ def main(argv=None) -> int:
         raise SystemExit(
             f"error: {output_dir} already holds a trained model; pass --overwrite_output_dir or another --output_dir"
         )
+    if accelerator.device.type == "cpu":
+        # `accelerate launch` exports OMP_NUM_THREADS=1 unless given --cpu, which would leave every core but one idle.
+        num_local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        torch.set_num_threads(cpu_thread_count(args.cpu_threads, num_local_processes))
     set_seed(args.seed)
 
     model = build_model(args)
@@ -478,8 +506,9 @@ def main(argv=None) -> int:
         logger.info("resumed from %s at step %d", resume_path, completed_steps)
 
     logger.info(
-        "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es)",
+        "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es) on %s%s",
         data_description, args.max_train_steps, global_batch, learning_rate, accelerator.num_processes,
+        accelerator.device, f", {torch.get_num_threads()} threads each" if accelerator.device.type == "cpu" else "",
     )  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -566,6 +595,8 @@ def main(argv=None) -> int:
             "global_batch_size": global_batch,
             "learning_rate": learning_rate,
             "minutes": round((time.monotonic() - started) / 60, 2),
+            "device": str(accelerator.device),
+            "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
             "probes": results,
         }
         (output_dir / "results.json").write_text(json.dumps(summary, indent=2))

@@ -1,11 +1,13 @@
 """`examples/pretrain.py` end to end on tiny models and data: outputs, resume, NaN handling, bad data."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -29,6 +31,7 @@ def run_pretrain(output_dir: Path, *extra: str, check: bool = True) -> subproces
         "--per_device_train_batch_size", "4",
         "--report_to", "none",
         "--seed", "3",
+        "--cpu_threads", "1",
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -45,6 +48,7 @@ def test_few_steps_end_to_end(tmp_path):
         assert (output_dir / name).is_file(), name
     results = json.loads((output_dir / "results.json").read_text())
     assert results["completed_steps"] == 3
+    assert (results["device"], results["cpu_threads"]) == ("cpu", 1)
     assert set(results["probes"]) == {"dominant_color", "dominant_shape", "num_probe_images"}
     for task in ("dominant_color", "dominant_shape"):
         scores = results["probes"][task]
@@ -129,3 +133,25 @@ def test_refuses_to_overwrite_a_trained_model(tmp_path):
     result = run_pretrain(output_dir, "--max_train_steps", "1", "--skip_final_evaluation", check=False)
     assert result.returncode != 0 and "already holds a trained model" in result.stderr
     assert (output_dir / "model.safetensors").read_bytes() == b"precious"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_threads_default_to_the_cores_shared_among_local_processes():
+    # `accelerate launch` without --cpu exports OMP_NUM_THREADS=1; a CPU run must still use the machine's cores.
+    import psutil
+
+    cpu_thread_count = load_script().cpu_thread_count
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    physical = min(psutil.cpu_count(logical=False) or usable, usable)
+    assert cpu_thread_count(None, 1) == physical
+    assert cpu_thread_count(None, 2) == max(1, physical // 2)
+    assert cpu_thread_count(None, 10 * physical) == 1
+    assert cpu_thread_count(3, 1) == 3
+    with pytest.raises(SystemExit, match="--cpu_threads"):
+        cpu_thread_count(0, 1)
