@@ -143,16 +143,26 @@ class StellarPatchEmbeddings(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, keep_indices: torch.LongTensor | None = None) -> torch.Tensor:
-        """`(B, C, H, W)` -> `(B, N, d)`, or only the patches `keep_indices` `(B, N_keep)` -> `(B, N_keep, d)`."""
+        """
+        Args:
+            pixel_values: `(B, C, H, W)`; a remainder of H or W beyond a multiple of the patch size is ignored, as
+                the strided convolution does.
+            keep_indices: `(B, N_keep)` row-major indices of the patches to embed, or `None` for all N.
+
+        Returns:
+            `(B, N, d)`, or `(B, N_keep, d)` in the order of `keep_indices`.
+        """
         if keep_indices is None:
             return self.projection(pixel_values).flatten(2).transpose(1, 2)
-        # The strided convolution is one matmul per patch: project only the kept patches (masked views keep 20%).
+        # The strided convolution is one matmul per patch: project only the kept patches (masked views keep 20%),
+        # read straight from the unfolded view so that only they are copied.
         batch_size, channels = pixel_values.shape[:2]
         size = self.projection.kernel_size[0]
-        patches = pixel_values.unfold(2, size, size).unfold(3, size, size)  # (B, C, h, w, p, p)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch_size, -1, channels * size * size)
-        patches = torch.gather(patches, 1, keep_indices.unsqueeze(-1).expand(-1, -1, patches.shape[-1]))
-        return F.linear(patches, self.projection.weight.flatten(1), self.projection.bias)
+        patches = pixel_values.unfold(2, size, size).unfold(3, size, size)  # (B, C, h, w, p, p), a view
+        grid_width = patches.shape[3]
+        image_index = torch.arange(batch_size, device=keep_indices.device).unsqueeze(1)
+        kept = patches[image_index, :, keep_indices // grid_width, keep_indices % grid_width]  # (B, N_keep, C, p, p)
+        return F.linear(kept.reshape(*keep_indices.shape, -1), self.projection.weight.flatten(1), self.projection.bias)
 
 
 class StellarEmbeddings(nn.Module):
@@ -288,7 +298,8 @@ class StellarAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         `(B, S, D)` -> `(B, S, D)` and, when asked, the attention probabilities `(B, heads, S, S)`. With
-        `query_rows` (an index tensor or slice over S), only those rows attend: `(B, S_q, D)`.
+        `query_rows` (an index tensor or slice over S), only those rows attend, to every row: `(B, S_q, D)` and
+        probabilities `(B, heads, S_q, S)`.
         """
         batch_size, length, _ = hidden_states.shape
         queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
@@ -376,11 +387,14 @@ class StellarTransformer(nn.Module):
         """
         Args:
             hidden_states: `(B, S, D)`.
+            output_rows: the rows to return (an index tensor or a slice over S), or `None` for all. Only the last
+                layer skips the other rows (its keys and values still come from every row). Refused together with
+                `output_attentions` or `output_hidden_states`.
 
         Returns:
-            the normalised sequence `(B, S, D)`; the input and each layer's output (`num_layers + 1` tensors, the
-            last before the final LayerNorm) when `output_hidden_states`; each layer's attention probabilities when
-            `output_attentions`.
+            the normalised sequence `(B, S, D)` (`(B, S_out, D)` with `output_rows`); the input and each layer's
+            output (`num_layers + 1` tensors, the last before the final LayerNorm) when `output_hidden_states`; each
+            layer's attention probabilities when `output_attentions`.
         """
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -1188,17 +1202,16 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
             keep_indices = self.masked_keep_indices(
                 views.shape[0], grid_size_of(views, config.patch_size), mask_noise, generator, views.device
             )
-            # Only CLS and the sparse tokens of a masked view are read, so the last layer computes just those rows.
+            # Only the sparse tokens (and CLS, when it is clustered) of a masked view are read, so the last layer
+            # computes just those rows.
             length = config.num_prefix_tokens + keep_indices.shape[1] + config.num_sparse_tokens
-            rows = torch.cat(
-                (
-                    torch.zeros(1, dtype=torch.long, device=views.device),
-                    torch.arange(length - config.num_sparse_tokens, length, device=views.device),
-                )
-            )
+            rows = torch.arange(length - config.num_sparse_tokens, length, device=views.device)
+            if cls_assignments is not None:
+                rows = torch.cat((torch.zeros(1, dtype=torch.long, device=views.device), rows))
             masked_sequence = self.stellar.encode(views, patch_keep_indices=keep_indices, output_rows=rows)[0]
-            masked_sparse = masked_sequence[:, 1:]
-            view_cls.append(masked_sequence[:, 0])
+            masked_sparse = masked_sequence[:, -config.num_sparse_tokens :]
+            if cls_assignments is not None:
+                view_cls.append(masked_sequence[:, 0])
             total_koleo = total_koleo + config.koleo_weight * koleo_loss(masked_sparse)
             masked_logits = self.sparse_clustering_head(masked_sparse)
             mask_loss = self.matched_clustering_loss(masked_sparse, masked_logits, target_tokens, assignments)

@@ -768,15 +768,16 @@ def parameter_gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str,
     return {name: gradient for (name, _), gradient in zip(named, gradients) if gradient is not None}
 
 
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize(
     "rows",
     [slice(0, 1), torch.tensor([0, 13, 14, 15, 16]), torch.tensor([16, 2, 0])],
     ids=["cls-slice", "cls-and-sparse", "unordered"],
 )
-def test_encode_output_rows_equal_the_full_sequence_rows(rows):
+def test_encode_output_rows_equal_the_full_sequence_rows(rows, attn_implementation):
     # The last layer computes only the rows asked for (keys and values from every row): values and every parameter
     # gradient must match the full sequence indexed afterwards.
-    model = build_model(MODEL)
+    model = build_model(MODEL, attn_implementation=attn_implementation)
     pixel_values = make_pixel_values()
     keep = torch.tensor([[0, 3, 5, 6, 8, 9, 10, 11, 12, 15, 1, 2], [15, 14, 1, 0, 4, 7, 2, 3, 5, 6, 8, 9]])
     full = model.encode(pixel_values, patch_keep_indices=keep)[0][:, rows]
@@ -814,6 +815,19 @@ def test_kept_patch_embeddings_equal_the_full_embeddings_rows():
     assert actual_gradients.keys() == expected_gradients.keys()
     for name in expected_gradients:
         torch.testing.assert_close(actual_gradients[name], expected_gradients[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kept_patch_embeddings_under_autocast():
+    # Under bf16 autocast the matmul path and the convolution both run in bf16: the kept rows agree to bf16 precision.
+    model = build_model(MODEL).embeddings.patch_embeddings
+    pixel_values = make_pixel_values()
+    keep = torch.tensor([[0, 5, 10, 15], [3, 2, 1, 0]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = model(pixel_values, keep)
+        all_patches = model(pixel_values)
+    expected = all_patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, all_patches.shape[-1]))
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=0.02)
 
 
 def test_view_cls_loss_is_the_sum_of_each_group_mean():

@@ -15,12 +15,26 @@ from stellar_tester import TINY_CONFIG
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("pretrain_example", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PRETRAIN = load_script()
+LOCAL_SIZE_VARIABLES = PRETRAIN.LOCAL_SIZE_VARIABLES
 # The shared tiny model, as `--config_overrides` text.
 TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY_CONFIG.items())
 
 
-def run_pretrain(output_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Run the script in a fresh process (Accelerate's state is per process)."""
+def run_pretrain(output_dir: Path, *extra: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """
+    Run the script in a fresh process (Accelerate's state is per process), on one thread (`OMP_NUM_THREADS=1` set
+    by hand, which the script respects) unless `env` says otherwise.
+    """
     command = [
         sys.executable,
         str(SCRIPT),
@@ -31,10 +45,11 @@ def run_pretrain(output_dir: Path, *extra: str, check: bool = True) -> subproces
         "--per_device_train_batch_size", "4",
         "--report_to", "none",
         "--seed", "3",
-        "--cpu_threads", "1",
         *extra,
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    launcher_variables = ("ACCELERATE_USE_CPU", *LOCAL_SIZE_VARIABLES)
+    base = {key: value for key, value in os.environ.items() if key not in launcher_variables}
+    env = {**base, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(f"pretrain.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
@@ -135,23 +150,42 @@ def test_refuses_to_overwrite_a_trained_model(tmp_path):
     assert (output_dir / "model.safetensors").read_bytes() == b"precious"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("pretrain_example", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cpu_threads_default_to_the_cores_shared_among_local_processes():
-    # `accelerate launch` without --cpu exports OMP_NUM_THREADS=1; a CPU run must still use the machine's cores.
+def physical_cores() -> int:
+    """The physical cores this process may run on."""
     import psutil
 
-    cpu_thread_count = load_script().cpu_thread_count
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    physical = min(psutil.cpu_count(logical=False) or usable, usable)
-    assert cpu_thread_count(None, 1) == physical
-    assert cpu_thread_count(None, 2) == max(1, physical // 2)
-    assert cpu_thread_count(None, 10 * physical) == 1
-    assert cpu_thread_count(3, 1) == 3
+    return min(psutil.cpu_count(logical=False) or usable, usable)
+
+
+@pytest.mark.parametrize(
+    "requested, environ, expected",
+    [
+        (None, {}, None),  # torch's default
+        (None, {"OMP_NUM_THREADS": "4"}, None),  # the user's choice
+        (None, {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "True"}, None),  # accelerate launch --cpu chose
+        (None, {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False"}, "cores"),  # accelerate's placeholder
+        (None, {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False", "LOCAL_WORLD_SIZE": "2"}, "cores/2"),
+        (None, {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False", "MPI_LOCALNRANKS": "3"}, "cores/3"),
+        (3, {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False"}, 3),
+        (2, {}, 2),
+    ],
+)
+def test_cpu_thread_count(requested, environ, expected):
+    if isinstance(expected, str):
+        divisor = int(expected.partition("/")[2] or 1)
+        expected = max(1, physical_cores() // divisor)
+    assert PRETRAIN.cpu_thread_count(requested, 1, environ) == expected
+
+
+def test_cpu_thread_count_refuses_zero():
     with pytest.raises(SystemExit, match="--cpu_threads"):
-        cpu_thread_count(0, 1)
+        PRETRAIN.cpu_thread_count(0, 1, {})
+
+
+def test_accelerate_launch_placeholder_thread_count_is_replaced(tmp_path):
+    # `accelerate launch` without --cpu runs the script with OMP_NUM_THREADS=1 and ACCELERATE_USE_CPU=False.
+    output_dir = tmp_path / "run"
+    launcher = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False"}
+    run_pretrain(output_dir, "--max_train_steps", "1", "--skip_final_evaluation", env=launcher)
+    assert json.loads((output_dir / "results.json").read_text())["cpu_threads"] == physical_cores()
