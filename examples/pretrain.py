@@ -331,6 +331,20 @@ def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     return inputs
 
 
+def mask_noise_for(model: StellarForPreTraining, batch: dict, generator: torch.Generator, device) -> torch.Tensor | None:
+    """
+    The masking noise `(B * M, N)` of the batch's masked global views, drawn here rather than in `forward` so that
+    the compiled model (`accelerate launch --dynamo_backend ...`) holds no random number generator.
+    """
+    views = batch.get("global_views")
+    num_masked = min(model.config.num_masked_views, views.shape[1]) if views is not None else 0
+    if num_masked == 0:
+        return None
+    patch_size = model.config.patch_size
+    grid_size = (views.shape[-2] // patch_size, views.shape[-1] // patch_size)
+    return model.draw_mask_noise(views.shape[0] * num_masked, grid_size, generator, device)
+
+
 @torch.no_grad()
 def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
     """Reconstructions and every sparse token's spatial map for a few images, as PNGs (and to tensorboard)."""
@@ -531,7 +545,7 @@ def main(argv=None) -> int:
     image_every = args.image_logging_steps or max(args.max_train_steps // 4, 1)
     started = time.monotonic()
     last_batch, stop_reason = None, None
-    epoch = start_epoch
+    epoch, micro_batches_in_step = start_epoch, 0
     model.train()
     while completed_steps < args.max_train_steps and stop_reason is None:
         dataset.set_epoch(epoch)
@@ -540,11 +554,14 @@ def main(argv=None) -> int:
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
         for batch in epoch_loader:
-            micro_step = completed_steps * args.gradient_accumulation_steps
+            # Each micro-batch of an accumulated step gets its own masks.
+            micro_step = completed_steps * args.gradient_accumulation_steps + micro_batches_in_step
+            micro_batches_in_step += 1
+            generator = masking_generator(args.seed, micro_step, accelerator.process_index)
             with accelerator.accumulate(model):
                 outputs = model(
                     **to_model_inputs(batch, config),
-                    generator=masking_generator(args.seed, micro_step, accelerator.process_index),
+                    mask_noise=mask_noise_for(unwrapped, batch, generator, accelerator.device),
                 )
                 finite = torch.isfinite(outputs.loss.detach()).float()
                 if accelerator.gather(finite.reshape(1)).min() < 1:
@@ -563,14 +580,14 @@ def main(argv=None) -> int:
             last_batch = batch
             if not accelerator.sync_gradients:
                 continue
+            micro_batches_in_step = 0
             if unwrapped.teacher is not None:
                 unwrapped.update_teacher(unwrapped.teacher_momentum(completed_steps, args.max_train_steps))
             completed_steps += 1
             progress.update(1)
-            parts = {
-                name: getattr(outputs, name).item()
-                for name in ("loss", "reconstruction_loss", "clustering_loss", "mask_loss", "cls_loss", "koleo_loss")
-            }
+            names = ("loss", "reconstruction_loss", "clustering_loss", "mask_loss", "cls_loss", "koleo_loss")
+            # One device-to-host copy for all parts.
+            parts = dict(zip(names, torch.stack([getattr(outputs, name).detach().float() for name in names]).tolist()))
             progress.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in parts.items()})
             if completed_steps % args.logging_steps == 0 and args.report_to != "none":
                 accelerator.log({**parts, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)

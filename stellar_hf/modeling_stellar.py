@@ -1099,6 +1099,30 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         scores = logits.detach().flatten(0, -2) / self.config.sinkhorn_temperature
         return sinkhorn_knopp(scores, self.config.sinkhorn_iterations).view_as(logits).float()
 
+    def draw_mask_noise(
+        self,
+        num_views: int,
+        grid_size: tuple[int, int],
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """
+        Focal masking noise for `num_views` masked views of a `grid_size` patch grid, `(num_views, N)`, with the
+        config's focal probability and sigma range, drawn from `generator` (see `losses_stellar.masking_noise`).
+
+        Training loops can draw it outside the model and pass it as `mask_noise`, which keeps `forward` free of
+        random number generators (one graph under `torch.compile`).
+        """
+        return masking_noise(
+            num_views,
+            grid_size[0],
+            grid_size[1],
+            focal_probability=self.config.focal_masking_probability,
+            sigma_range=tuple(self.config.focal_sigma_range),
+            generator=generator,
+            device=device,
+        )
+
     def masked_keep_indices(
         self,
         batch_size: int,
@@ -1114,15 +1138,7 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         """
         num_patches = grid_size[0] * grid_size[1]
         if mask_noise is None:
-            mask_noise = masking_noise(
-                batch_size,
-                grid_size[0],
-                grid_size[1],
-                focal_probability=self.config.focal_masking_probability,
-                sigma_range=tuple(self.config.focal_sigma_range),
-                generator=generator,
-                device=device,
-            )
+            mask_noise = self.draw_mask_noise(batch_size, grid_size, generator, device)
         if mask_noise.shape != (batch_size, num_patches):
             raise ValueError(
                 f"mask_noise must have shape {(batch_size, num_patches)} (views, patches), got {tuple(mask_noise.shape)}"

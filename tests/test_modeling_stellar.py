@@ -929,6 +929,36 @@ def test_pretraining_is_reproducible_and_depends_on_the_noise():
     assert not torch.allclose(step(mask_noise=noise.flip(1)).mask_loss, with_noise.mask_loss)
 
 
+def test_noise_drawn_outside_the_model_gives_the_same_step():
+    # Training loops draw the masking noise with `draw_mask_noise` and pass it in: same masks as the generator path.
+    model = build_model(PRETRAINING)
+    inputs = make_inputs(PRETRAINING, model.config)
+    inputs.pop("mask_noise")
+    num_views = BATCH_SIZE * model.config.num_masked_views
+    noise = model.draw_mask_noise(num_views, (GRID, GRID), torch.Generator().manual_seed(5))
+    assert noise.shape == (num_views, NUM_PATCHES)
+    with torch.no_grad():
+        from_generator = model(**inputs, generator=torch.Generator().manual_seed(5))
+        from_noise = model(**inputs, mask_noise=noise)
+    assert_outputs_close(from_noise, from_generator, atol=0.0, what="noise drawn outside")
+
+
+def test_pretraining_step_compiles_to_one_graph():
+    # With the masking noise passed in, forward holds no generator and no data-dependent Python branch: one graph
+    # (fullgraph=True raises on any break) with the eager loss and gradients. aot_eager needs no C++ compiler.
+    model = build_model(PRETRAINING)
+    inputs = make_inputs(PRETRAINING, model.config)
+    eager = model(**inputs)
+    expected_gradients = parameter_gradients(model, eager.loss)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)
+    torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-5)
+    actual_gradients = parameter_gradients(model, compiled.loss)
+    assert actual_gradients.keys() == expected_gradients.keys()
+    for name in expected_gradients:
+        torch.testing.assert_close(actual_gradients[name], expected_gradients[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("shape", [(BATCH_SIZE, NUM_PATCHES), (BATCH_SIZE * 2, NUM_PATCHES - 1), (BATCH_SIZE * 2,)])
 def test_pretraining_refuses_mask_noise_of_the_wrong_shape(shape):
     model = build_model(PRETRAINING, perturb=False)

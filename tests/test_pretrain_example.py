@@ -102,6 +102,23 @@ def test_resumed_run_matches_uninterrupted_run(tmp_path):
         torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
 
 
+def test_resume_with_gradient_accumulation(tmp_path):
+    # Batch 2 x 2 micro-batches: every micro-batch draws its own masks from (seed, step, micro-batch, rank), so a run
+    # resumed at step 3 of 6 (mid-epoch: 8 steps per epoch) repeats them and ends with the same weights.
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    common = (
+        "--max_train_steps", "6", "--checkpointing_steps", "3", "--skip_final_evaluation",
+        "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+    )  # fmt: skip
+    run_pretrain(uninterrupted, *common)
+    run_pretrain(resumed, *common, "--resume_from_checkpoint", str(uninterrupted / "checkpoint-3"))
+    expected = load_file(uninterrupted / "model.safetensors")
+    actual = load_file(resumed / "model.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert json.loads((resumed / "results.json").read_text())["completed_steps"] == 6
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     output_dir = tmp_path / "run"
     # An absurd learning rate blows the weights up after the first update, so step 2's loss is not finite.
