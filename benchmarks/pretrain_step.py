@@ -4,6 +4,7 @@
     python benchmarks/pretrain_step.py --original_repo /tmp/stellar_original --original_pythonpath /tmp/tf457
     python benchmarks/pretrain_step.py ... --device cuda --dtype bf16 --repeats 30
     python benchmarks/pretrain_step.py ... --profile                    # + top operators of both sides
+    python benchmarks/pretrain_step.py ... --device cuda --compile both --warmup 3   # torch.compile on both sides
 
 The original (github.com/microsoft/STELLAR) is never imported from this repository: `--original_repo` is a work
 tree of it somewhere else and `--original_pythonpath` the folder(s) holding the transformers 4.x it was written
@@ -19,7 +20,21 @@ Weights are random (shapes, not values, matter for speed); inputs are random ima
 
 One step = `zero_grad(set_to_none=True)`, forward, backward, `AdamW.step()` (torch's default implementation), plus
 the preprocessing each implementation does inside its training step: ours normalises its four input tensors (as
-`examples/pretrain.py` does in the main process), the original normalises inside its forward.
+`examples/pretrain.py` does in the main process), the original normalises inside its forward. Both draw the masking
+noise of the masked views inside the step, on the model's device: the original with the global RNG inside
+`forward` (`random_masking`), ours with `StellarForPreTraining.draw_mask_noise` before `forward`, from a generator
+on the device re-seeded with `--seed` every step (the same masks every round), passed in as `mask_noise` so that
+`forward` holds no random number generator (one graph under `torch.compile`). `examples/pretrain.py` passes it the
+same way but draws it from a CPU generator (masks independent of the device); here it is drawn where the original
+draws its own. The number of kept patches, and so the work, does not depend on the noise.
+
+`--compile ours` wraps our model in `torch.compile(backend=--compile_backend, mode=--compile_mode)`; `--compile both`
+compiles the original's `STELLARModel` too (it may graph-break; the count is reported). The loss of the original
+(`STELLAR_Loss`), the normalisation of our inputs, the noise draw and the optimiser step stay eager. Compilation
+happens in the warm-up steps, so `--compile` needs `--warmup` >= 1, better >= 2 (the original compiles once per
+kind of step, model and full, and a first step can leave a recompilation for the second); graphs compiled during
+the timed rounds are reported as a warning. The graph-break and graph counts are
+`torch._dynamo.utils.counters` summed over every compilation in the worker.
 
 Two comparisons, because the implementations put the colour augmentation in different places:
 
@@ -77,6 +92,7 @@ ENCODER = {
     "patch_size": 16,
 }
 DTYPES = ("fp32", "bf16", "fp16")
+COMPILE_CHOICES = ("none", "ours", "both")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,6 +146,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="375x500",
         help="HxW of the images the colour-work timing crops",
     )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_CHOICES,
+        default="none",
+        help="torch.compile our model (ours) or both models (both); compilation runs in the warm-up steps",
+    )
+    parser.add_argument(
+        "--compile_backend",
+        default="inductor",
+        help="torch.compile backend (aot_eager needs no C++ compiler)",
+    )
+    parser.add_argument(
+        "--compile_mode",
+        default=None,
+        help="torch.compile mode (default, reduce-overhead, max-autotune, ...)",
+    )
     parser.add_argument("--skip_full", action="store_true", help="measure (a) only")
     parser.add_argument(
         "--profile",
@@ -148,6 +180,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.dtype == "fp16" and not (args.device or "").startswith("cuda"):
         parser.error("--dtype fp16 needs --device cuda")
+    if args.compile != "none" and args.warmup < 1:
+        parser.error(
+            f"--compile {args.compile} compiles during the warm-up steps, so it needs --warmup >= 1 (better >= 2); "
+            "with --warmup 0 the first timed round would include the compilation"
+        )
     return args
 
 
@@ -197,6 +234,8 @@ def _tensor_bytes(tensors) -> int:
 class Worker:
     """Builds one implementation, its AdamW and a fixed random batch; runs steps on command."""
 
+    side: str  # "ours" or "original", as in --compile
+
     def __init__(self, args: argparse.Namespace):
         import torch
 
@@ -229,6 +268,13 @@ class Worker:
             [p for p in self.model.parameters() if p.requires_grad], lr=1e-4
         )
         self.model.train()
+        # `self.model` stays the plain module (parameters, attributes the step sets); `loss` calls `self.forward_model`.
+        self.compiled = args.compile == "both" or args.compile == self.side
+        self.forward_model = self.model
+        if self.compiled:
+            self.forward_model = torch.compile(
+                self.model, backend=args.compile_backend, mode=args.compile_mode
+            )
 
     def autocast(self):
         import contextlib
@@ -252,7 +298,24 @@ class Worker:
             ),
             "torch": self.torch.__version__,
             "threads": self.torch.get_num_threads(),
+            "compiled": self.compiled,
             **self.describe(),
+        }
+
+    def compile_stats(self) -> dict:
+        """Graphs and graph breaks dynamo has recorded in this process so far (summed over every compilation)."""
+        if not self.compiled:
+            return {"graph_breaks": None, "graphs": None, "graph_break_reasons": {}}
+        from torch._dynamo.utils import counters
+
+        reasons = {}
+        for reason, count in counters["graph_break"].items():
+            first_line = reason.strip().splitlines()[0][:160] if reason.strip() else "?"
+            reasons[first_line] = reasons.get(first_line, 0) + count
+        return {
+            "graph_breaks": sum(counters["graph_break"].values()),
+            "graphs": counters["stats"]["unique_graphs"],
+            "graph_break_reasons": reasons,
         }
 
     def step(self, mode: str) -> dict:
@@ -352,6 +415,8 @@ class Worker:
 
 
 class OursWorker(Worker):
+    side = "ours"
+
     def build(self) -> None:
         sys.path.insert(0, str(REPO_ROOT))
         import transformers
@@ -378,6 +443,10 @@ class OursWorker(Worker):
             attn_implementation="sdpa",
         )
         self.model = StellarForPreTraining(self.config).to(self.device)
+        # Masking noise: drawn on the model's device like the original's, from a generator re-seeded every step.
+        self.num_masked_rows = args.batch_size * args.num_masked_views
+        self.mask_grid_size = (args.image_size // ENCODER["patch_size"],) * 2
+        self.mask_generator = self.torch.Generator(device=self.device)
         self.transforms = {
             flag: MultiViewTransform(
                 image_size=args.image_size,
@@ -411,7 +480,15 @@ class OursWorker(Worker):
         inputs = {
             key: self.normalize(value, mean, std) for key, value in self.batch.items()
         }
-        return self.model(**inputs).loss
+        if self.num_masked_rows:
+            self.mask_generator.manual_seed(self.args.seed)
+            inputs["mask_noise"] = self.model.draw_mask_noise(
+                self.num_masked_rows,
+                self.mask_grid_size,
+                self.mask_generator,
+                self.device,
+            )
+        return self.forward_model(**inputs).loss
 
     def color(self) -> dict:
         """Data-side colour work for one batch: transform(colour) - transform(no colour), same seeds, summed."""
@@ -451,6 +528,8 @@ class OursWorker(Worker):
 
 
 class OriginalWorker(Worker):
+    side = "original"
+
     def build(self) -> None:
         args = self.args
         paths = [p for p in (args.original_pythonpath or "").split(os.pathsep) if p] + [
@@ -524,7 +603,7 @@ class OriginalWorker(Worker):
             "global_views": self.batch["global_views"],
             "local_views": self.batch["local_views"],
         }
-        predictions = self.model(inputs, mode="train")["predictions"]
+        predictions = self.forward_model(inputs, mode="train")["predictions"]
         return self.criterion(predictions, None)
 
 
@@ -548,6 +627,8 @@ def worker_main(args: argparse.Namespace) -> None:
                 result = worker.memory(command["mode"])
             elif name == "grads":
                 result = {"with_grad": worker.grads_received()}
+            elif name == "compile_stats":
+                result = worker.compile_stats()
             elif name == "profile":
                 result = worker.profile(command["mode"], command.get("rows", 30))
             else:
@@ -690,6 +771,15 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     forwarded += ["--device", args.device]
     skipped = original_problem(args)
+    if args.compile != "none":
+        print(
+            f"--compile {args.compile} (backend {args.compile_backend}, mode {args.compile_mode}): "
+            f"torch.compile runs during the {args.warmup} warm-up step(s) of each kind, which are not timed; "
+            "--warmup must be >= 1, and >= 2 is safer (a first step can leave a recompilation for the second). "
+            "Graphs compiled during the timed rounds are reported.",
+            file=sys.stderr,
+            flush=True,
+        )
     load_before = load_average()
     sides = {"ours": WorkerProcess("ours", forwarded)}
     try:
@@ -707,9 +797,21 @@ def main(argv: list[str] | None = None) -> dict:
                 else sides[side]("step", mode=kind)
             )
 
-        for _ in range(args.warmup):
+        warmup_wall = {key: [] for key in kinds}
+        for index in range(args.warmup):
             for side, kind in kinds:
-                run(side, kind)
+                warmup_wall[(side, kind)].append(run(side, kind)["wall"])
+            print(
+                f"warm-up {index + 1}/{args.warmup}: "
+                + ", ".join(
+                    f"{s} {k} {warmup_wall[(s, k)][-1]:.2f}s" for s, k in kinds
+                ),
+                file=sys.stderr,
+                flush=True,
+            )
+        compile_after_warmup = {
+            side: worker("compile_stats") for side, worker in sides.items()
+        }
         wall = {key: [] for key in kinds}
         cpu = {key: [] for key in kinds}
         losses = {key: [] for key in kinds}
@@ -730,6 +832,9 @@ def main(argv: list[str] | None = None) -> dict:
                 file=sys.stderr,
                 flush=True,
             )
+        compile_after_timing = {
+            side: worker("compile_stats") for side, worker in sides.items()
+        }
         grads = {side: worker("grads")["with_grad"] for side, worker in sides.items()}
         memory = {}
         for side, worker in sides.items():
@@ -781,6 +886,27 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "compile": {
+            "models": args.compile,
+            "backend": args.compile_backend if args.compile != "none" else None,
+            "mode": args.compile_mode if args.compile != "none" else None,
+            "sides": {
+                side: {
+                    "compiled": worker.info["compiled"],
+                    **compile_after_warmup[side],
+                    "graphs_compiled_while_timed": (
+                        compile_after_timing[side]["graphs"]
+                        - compile_after_warmup[side]["graphs"]
+                        if worker.info["compiled"]
+                        else None
+                    ),
+                }
+                for side, worker in sides.items()
+            },
+        },
+        "warmup_wall_s": {
+            f"{side}/{kind}": value for (side, kind), value in warmup_wall.items()
+        },
         "implementations": {side: worker.info for side, worker in sides.items()},
         "parameters_with_gradient": grads,
         "timings": rows,
@@ -874,6 +1000,34 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
         f"{config['local_image_size']} px, r = {config['num_sparse_tokens']}, {config['num_prototypes']} prototypes; "
         f"median of {result['repeats']} interleaved rounds after {result['warmup']} warm-up steps"
     )
+    compile_settings = result["compile"]
+    if compile_settings["models"] == "none":
+        print("torch.compile: none (both sides eager)")
+    else:
+        print(
+            f"torch.compile: --compile {compile_settings['models']}, backend {compile_settings['backend']}, "
+            f"mode {compile_settings['mode']}"
+        )
+        for side, stats in compile_settings["sides"].items():
+            if not stats["compiled"]:
+                print(f"  {side:<9} eager")
+                continue
+            first = ", ".join(
+                f"{name.split('/')[1]} {times[0]:.1f} s"
+                for name, times in result["warmup_wall_s"].items()
+                if name.startswith(side + "/") and times and name != "ours/color"
+            )
+            print(
+                f"  {side:<9} compiled: {stats['graph_breaks']} graph breaks, {stats['graphs']} graphs after "
+                f"warm-up; first warm-up step (with compilation): {first}"
+            )
+            for reason, count in stats["graph_break_reasons"].items():
+                print(f"            {count} x {reason}")
+            if stats["graphs_compiled_while_timed"]:
+                print(
+                    f"  WARNING: {side} compiled {stats['graphs_compiled_while_timed']} graph(s) during the timed "
+                    "rounds: raise --warmup"
+                )
     if result["original_skipped"]:
         print(f"comparison with the original skipped: {result['original_skipped']}")
     header = f"{'step':<16} {'wall s':>8} {'IQR s':>15} {'min s':>7} {'cpu s':>7} {'peak MiB':>9} {'RSS+ MiB':>9}"
