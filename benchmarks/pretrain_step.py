@@ -107,9 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help=f"extra sys.path entries ({os.pathsep!r}-separated) for the original: its transformers 4.x",
     )
-    parser.add_argument(
-        "--device", default=None, help="cpu or cuda[:i] (default: cuda when available)"
-    )
+    parser.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda when available)")
     parser.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -131,9 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10,
         help="timed rounds (each: one step of every kind)",
     )
-    parser.add_argument(
-        "--warmup", type=int, default=2, help="untimed steps per side and kind first"
-    )
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side and kind first")
     parser.add_argument(
         "--threads",
         type=int,
@@ -170,14 +166,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--profile_rows", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--_worker", choices=("ours", "original"), default=None, help=argparse.SUPPRESS
-    )
+    parser.add_argument("--_worker", choices=("ours", "original"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
-        parser.error(
-            "--repeats and --batch_size must be positive, --warmup non-negative"
-        )
+        parser.error("--repeats and --batch_size must be positive, --warmup non-negative")
     if args.dtype == "fp16" and not (args.device or "").startswith("cuda"):
         parser.error("--dtype fp16 needs --device cuda")
     if args.compile != "none" and args.warmup < 1:
@@ -260,30 +252,22 @@ class Worker:
             "local_views": torch.rand(b, k, 3, t, t, generator=generator),
         }
         self.batch = {key: value.to(self.device) for key, value in self.batch.items()}
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            args.dtype
-        )
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype)
         self.build()
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=1e-4
-        )
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         self.model.train()
         # `self.model` stays the plain module (parameters, attributes the step sets); `loss` calls `self.forward_model`.
         self.compiled = args.compile == "both" or args.compile == self.side
         self.forward_model = self.model
         if self.compiled:
-            self.forward_model = torch.compile(
-                self.model, backend=args.compile_backend, mode=args.compile_mode
-            )
+            self.forward_model = torch.compile(self.model, backend=args.compile_backend, mode=args.compile_mode)
 
     def autocast(self):
         import contextlib
 
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return self.torch.autocast(
-            device_type=self.device.type, dtype=self.autocast_dtype
-        )
+        return self.torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -293,9 +277,7 @@ class Worker:
         parameters = list(self.model.parameters())
         return {
             "parameters": sum(p.numel() for p in parameters),
-            "trainable_parameters": sum(
-                p.numel() for p in parameters if p.requires_grad
-            ),
+            "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
             "torch": self.torch.__version__,
             "threads": self.torch.get_num_threads(),
             "compiled": self.compiled,
@@ -350,25 +332,15 @@ class Worker:
         else:
             from torch.profiler import ProfilerActivity, profile
 
-            state = [
-                v
-                for s in self.optimizer.state.values()
-                for v in s.values()
-                if torch.is_tensor(v)
-            ]
-            alive = _tensor_bytes(
-                list(self.model.parameters()) + list(self.model.buffers()) + state
-            )
+            state = [v for s in self.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+            alive = _tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + state)
             alive += _tensor_bytes(self.batch.values())
-            with profile(
-                activities=[ProfilerActivity.CPU], profile_memory=True
-            ) as profiler:
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
                 self.step(mode)
             events = [
                 event
                 for event in profiler.profiler.kineto_results.events()
-                if event.name() == "[memory]"
-                and str(event.device_type()).endswith("CPU")
+                if event.name() == "[memory]" and str(event.device_type()).endswith("CPU")
             ]
             events.sort(key=lambda event: event.start_ns())
             current = peak = 0
@@ -387,29 +359,19 @@ class Worker:
             self.step(mode)
             peak_rss = _peak_rss_bytes()
             if peak_rss is not None:
-                result["peak_rss_above_imports_bytes"] = (
-                    peak_rss - self.rss_after_imports
-                )
+                result["peak_rss_above_imports_bytes"] = peak_rss - self.rss_after_imports
         return result
 
     def profile(self, mode: str, rows: int) -> dict:
         from torch.profiler import ProfilerActivity, profile
 
-        activities = [ProfilerActivity.CPU] + (
-            [ProfilerActivity.CUDA] if self.device.type == "cuda" else []
-        )
-        sort_by = (
-            "self_cuda_time_total"
-            if self.device.type == "cuda"
-            else "self_cpu_time_total"
-        )
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        sort_by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         with profile(activities=activities, record_shapes=True) as profiler:
             self.step(mode)
         averages = profiler.key_averages()
         table = averages.table(sort_by=sort_by, row_limit=rows)
-        shapes = profiler.key_averages(group_by_input_shape=True).table(
-            sort_by=sort_by, row_limit=rows
-        )
+        shapes = profiler.key_averages(group_by_input_shape=True).table(sort_by=sort_by, row_limit=rows)
         total = sum(getattr(event, sort_by) for event in averages)
         return {"table": table, "shapes_table": shapes, "total_self_us": total}
 
@@ -444,8 +406,6 @@ class OursWorker(Worker):
         )
         self.model = StellarForPreTraining(self.config).to(self.device)
         # Masking noise: drawn on the model's device like the original's, from a generator re-seeded every step.
-        self.num_masked_rows = args.batch_size * args.num_masked_views
-        self.mask_grid_size = (args.image_size // ENCODER["patch_size"],) * 2
         self.mask_generator = self.torch.Generator(device=self.device)
         self.transforms = {
             flag: MultiViewTransform(
@@ -460,9 +420,7 @@ class OursWorker(Worker):
         height, width = (int(v) for v in args.source_size.lower().split("x"))
         generator = self.torch.Generator().manual_seed(args.seed + 1)
         self.source_images = [
-            self.torch.randint(
-                0, 256, (3, height, width), dtype=self.torch.uint8, generator=generator
-            )
+            self.torch.randint(0, 256, (3, height, width), dtype=self.torch.uint8, generator=generator)
             for _ in range(args.batch_size)
         ]
         self.color_round = 0
@@ -477,17 +435,9 @@ class OursWorker(Worker):
 
     def loss(self, mode: str):
         mean, std = self.config.image_mean, self.config.image_std
-        inputs = {
-            key: self.normalize(value, mean, std) for key, value in self.batch.items()
-        }
-        if self.num_masked_rows:
-            self.mask_generator.manual_seed(self.args.seed)
-            inputs["mask_noise"] = self.model.draw_mask_noise(
-                self.num_masked_rows,
-                self.mask_grid_size,
-                self.mask_generator,
-                self.device,
-            )
+        inputs = {key: self.normalize(value, mean, std) for key, value in self.batch.items()}
+        self.mask_generator.manual_seed(self.args.seed)
+        inputs["mask_noise"] = self.model.draw_mask_noise(inputs.get("global_views"), self.mask_generator, self.device)
         return self.forward_model(**inputs).loss
 
     def color(self) -> dict:
@@ -508,15 +458,11 @@ class OursWorker(Worker):
         for index, image in enumerate(self.source_images):
             seed = self.args.seed * 1_000_003 + self.color_round * 1_009 + index
             times = {}
-            order = (
-                (True, False) if (self.color_round + index) % 2 == 0 else (False, True)
-            )
+            order = (True, False) if (self.color_round + index) % 2 == 0 else (False, True)
             for flag in order:
                 start_cpu, start = time.process_time(), time.perf_counter()
                 views = self.transforms[flag](image, seed=seed)
-                views = {
-                    key: self.normalize(value) for key, value in views.items()
-                }  # main process, see `loss`
+                views = {key: self.normalize(value) for key, value in views.items()}  # main process, see `loss`
                 times[flag] = (
                     time.perf_counter() - start,
                     time.process_time() - start_cpu,
@@ -532,9 +478,7 @@ class OriginalWorker(Worker):
 
     def build(self) -> None:
         args = self.args
-        paths = [p for p in (args.original_pythonpath or "").split(os.pathsep) if p] + [
-            args.original_repo
-        ]
+        paths = [p for p in (args.original_pythonpath or "").split(os.pathsep) if p] + [args.original_repo]
         sys.path[:0] = paths
         # The VQ tokenizer wrapper: unused with the pixel target, and its package imports a module the release
         # lacks (titok_modules/ema_model.py). A stub that fails loudly if anything tries to build it.
@@ -542,9 +486,7 @@ class OriginalWorker(Worker):
 
         class PretrainedTokenizer:
             def __init__(self, *unused, **unused_kw):
-                raise RuntimeError(
-                    "the VQ tokenizer is stubbed out in this benchmark (pixel target only)"
-                )
+                raise RuntimeError("the VQ tokenizer is stubbed out in this benchmark (pixel target only)")
 
         stub.PretrainedTokenizer = PretrainedTokenizer
         sys.modules["src.models.modules.titok"] = stub
@@ -565,9 +507,7 @@ class OriginalWorker(Worker):
         self.original_color = stellar_model.random_color_blur
         with tempfile.TemporaryDirectory() as folder:
             # STELLARModel builds ViT-B from ViTConfig() or loads `vit_pretrained`: hand it a random ViT-S/16.
-            ViTModel(ViTConfig(**ENCODER, image_size=args.image_size)).save_pretrained(
-                folder
-            )
+            ViTModel(ViTConfig(**ENCODER, image_size=args.image_size)).save_pretrained(folder)
             self.model = stellar_model.STELLARModel(
                 num_sparse_tokens=args.num_sparse_tokens,
                 num_clusters=args.num_prototypes,
@@ -579,9 +519,7 @@ class OriginalWorker(Worker):
                 vit_pretrained=folder,
             ).to(self.device)
         self.criterion = STELLAR_Loss()
-        self.labels = self.torch.zeros(
-            args.batch_size, dtype=self.torch.long, device=self.device
-        )
+        self.labels = self.torch.zeros(args.batch_size, dtype=self.torch.long, device=self.device)
 
     def describe(self) -> dict:
         return {
@@ -594,9 +532,7 @@ class OriginalWorker(Worker):
     def loss(self, mode: str):
         full = mode == "full"
         self.model.color_augmentation = full
-        self.module.random_color_blur = (
-            self.original_color if full else (lambda views: views)
-        )
+        self.module.random_color_blur = self.original_color if full else (lambda views: views)
         inputs = {
             "image": self.batch["pixel_values"],
             "labels": self.labels,
@@ -638,10 +574,7 @@ def worker_main(args: argparse.Namespace) -> None:
             import traceback
 
             traceback.print_exc()
-            answers.write(
-                json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"})
-                + "\n"
-            )
+            answers.write(json.dumps({"ok": False, "error": f"{type(error).__name__}: {error}"}) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -661,9 +594,7 @@ class WorkerProcess:
         ]
         env = dict(os.environ)
         if side == "original":
-            env.pop(
-                "PYTHONPATH", None
-            )  # the worker puts the original's paths first itself
+            env.pop("PYTHONPATH", None)  # the worker puts the original's paths first itself
         self.process = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -679,9 +610,7 @@ class WorkerProcess:
         line = self.process.stdout.readline()
         if not line:
             code = self.process.wait()
-            raise RuntimeError(
-                f"the {self.side} worker exited (code {code}); see its messages above"
-            )
+            raise RuntimeError(f"the {self.side} worker exited (code {code}); see its messages above")
         answer = json.loads(line)
         if not answer.pop("ok", False):
             raise RuntimeError(f"{self.side} worker: {answer.get('error')}")
@@ -747,10 +676,7 @@ def original_problem(args: argparse.Namespace) -> str | None:
     model_file = Path(args.original_repo) / "src" / "models" / "stellar_model.py"
     if not model_file.is_file():
         return f"{model_file} not found (--original_repo must be a work tree of microsoft/STELLAR)"
-    if (
-        REPO_ROOT in Path(args.original_repo).resolve().parents
-        or Path(args.original_repo).resolve() == REPO_ROOT
-    ):
+    if REPO_ROOT in Path(args.original_repo).resolve().parents or Path(args.original_repo).resolve() == REPO_ROOT:
         return "--original_repo must live outside this repository"
     if not args.original_pythonpath:
         return "no --original_pythonpath given (the original needs transformers 4.x, see the docstring)"
@@ -766,9 +692,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args._worker:
         worker_main(args)
         return {}
-    forwarded = [
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--profile"
-    ]
+    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--profile"]
     forwarded += ["--device", args.device]
     skipped = original_problem(args)
     if args.compile != "none":
@@ -791,11 +715,7 @@ def main(argv: list[str] | None = None) -> dict:
         kinds = [(side, kind) for side, kind in kinds if side in sides]
 
         def run(side: str, kind: str) -> dict:
-            return (
-                sides[side]("color")
-                if kind == "color"
-                else sides[side]("step", mode=kind)
-            )
+            return sides[side]("color") if kind == "color" else sides[side]("step", mode=kind)
 
         warmup_wall = {key: [] for key in kinds}
         for index in range(args.warmup):
@@ -803,15 +723,11 @@ def main(argv: list[str] | None = None) -> dict:
                 warmup_wall[(side, kind)].append(run(side, kind)["wall"])
             print(
                 f"warm-up {index + 1}/{args.warmup}: "
-                + ", ".join(
-                    f"{s} {k} {warmup_wall[(s, k)][-1]:.2f}s" for s, k in kinds
-                ),
+                + ", ".join(f"{s} {k} {warmup_wall[(s, k)][-1]:.2f}s" for s, k in kinds),
                 file=sys.stderr,
                 flush=True,
             )
-        compile_after_warmup = {
-            side: worker("compile_stats") for side, worker in sides.items()
-        }
+        compile_after_warmup = {side: worker("compile_stats") for side, worker in sides.items()}
         wall = {key: [] for key in kinds}
         cpu = {key: [] for key in kinds}
         losses = {key: [] for key in kinds}
@@ -824,23 +740,16 @@ def main(argv: list[str] | None = None) -> dict:
                     losses[key].append(result["loss"])
             print(
                 f"round {index + 1}/{args.repeats}: "
-                + ", ".join(
-                    f"{s} {k} {wall[(s, k)][-1]:.2f}s (cpu {cpu[(s, k)][-1]:.2f}s)"
-                    for s, k in kinds
-                )
+                + ", ".join(f"{s} {k} {wall[(s, k)][-1]:.2f}s (cpu {cpu[(s, k)][-1]:.2f}s)" for s, k in kinds)
                 + f" (load {load_average()})",
                 file=sys.stderr,
                 flush=True,
             )
-        compile_after_timing = {
-            side: worker("compile_stats") for side, worker in sides.items()
-        }
+        compile_after_timing = {side: worker("compile_stats") for side, worker in sides.items()}
         grads = {side: worker("grads")["with_grad"] for side, worker in sides.items()}
         memory = {}
         for side, worker in sides.items():
-            for kind in ("model",) + (
-                () if args.skip_full or side == "ours" else ("full",)
-            ):
+            for kind in ("model",) + (() if args.skip_full or side == "ours" else ("full",)):
                 memory[(side, kind)] = worker("memory", mode=kind)
         profiles = {}
         if args.profile:
@@ -895,8 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "compiled": worker.info["compiled"],
                     **compile_after_warmup[side],
                     "graphs_compiled_while_timed": (
-                        compile_after_timing[side]["graphs"]
-                        - compile_after_warmup[side]["graphs"]
+                        compile_after_timing[side]["graphs"] - compile_after_warmup[side]["graphs"]
                         if worker.info["compiled"]
                         else None
                     ),
@@ -904,9 +812,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for side, worker in sides.items()
             },
         },
-        "warmup_wall_s": {
-            f"{side}/{kind}": value for (side, kind), value in warmup_wall.items()
-        },
+        "warmup_wall_s": {f"{side}/{kind}": value for (side, kind), value in warmup_wall.items()},
         "implementations": {side: worker.info for side, worker in sides.items()},
         "parameters_with_gradient": grads,
         "timings": rows,
@@ -925,31 +831,19 @@ def main(argv: list[str] | None = None) -> dict:
         result["timings"]["ours/full"] = full
     ratios = {}
     if skipped is None:
-        ratios["model_step_time"] = ratio(
-            ours_model["wall_median_s"], rows["original/model"]["wall_median_s"]
-        )
-        ratios["model_step_cpu_time"] = ratio(
-            ours_model["cpu_median_s"], rows["original/model"]["cpu_median_s"]
-        )
-        paired = [
-            o / t for o, t in zip(wall[("ours", "model")], wall[("original", "model")])
-        ]
+        ratios["model_step_time"] = ratio(ours_model["wall_median_s"], rows["original/model"]["wall_median_s"])
+        ratios["model_step_cpu_time"] = ratio(ours_model["cpu_median_s"], rows["original/model"]["cpu_median_s"])
+        paired = [o / t for o, t in zip(wall[("ours", "model")], wall[("original", "model")])]
         ratios["model_step_time_paired"] = round(statistics.median(paired), 4)
         # Fastest step of each: the least disturbed by other jobs (the best estimate on an otherwise idle machine).
-        ratios["model_step_time_min"] = ratio(
-            ours_model["wall_min_s"], rows["original/model"]["wall_min_s"]
-        )
+        ratios["model_step_time_min"] = ratio(ours_model["wall_min_s"], rows["original/model"]["wall_min_s"])
         if "ours/full" in result["timings"]:
             ours_full, original_full = (
                 result["timings"]["ours/full"],
                 rows["original/full"],
             )
-            ratios["full_step_time"] = ratio(
-                ours_full["wall_median_s"], original_full["wall_median_s"]
-            )
-            ratios["full_step_cpu_time"] = ratio(
-                ours_full["cpu_median_s"], original_full["cpu_median_s"]
-            )
+            ratios["full_step_time"] = ratio(ours_full["wall_median_s"], original_full["wall_median_s"])
+            ratios["full_step_cpu_time"] = ratio(ours_full["cpu_median_s"], original_full["cpu_median_s"])
             ratios["full_step_time_min"] = ratio(
                 ours_model["wall_min_s"] + rows["ours/color"]["wall_min_s"],
                 original_full["wall_min_s"],
@@ -968,9 +862,7 @@ def main(argv: list[str] | None = None) -> dict:
                 memory[("original", "full")]["peak_bytes"],
             )
         ratios["meets_time_target"] = ratios["model_step_time"] <= TARGET_TIME_RATIO
-        ratios["meets_memory_target"] = (
-            ratios["peak_memory_model"] <= TARGET_MEMORY_RATIO
-        )
+        ratios["meets_memory_target"] = ratios["peak_memory_model"] <= TARGET_MEMORY_RATIO
     result["ratios"] = ratios
 
     print_report(result, profiles, losses)
@@ -1037,15 +929,9 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
     for name, row in result["timings"].items():
         quart = row.get("wall_quartiles_s")
         iqr = f"{quart[0]:.2f}-{quart[1]:.2f}" if quart else ""
-        mem_key = (
-            name if name in memory else ("ours/model" if name == "ours/full" else None)
-        )
+        mem_key = name if name in memory else ("ours/model" if name == "ours/full" else None)
         peak = memory.get(mem_key, {}).get("peak_bytes") if mem_key else None
-        rss = (
-            memory.get(mem_key, {}).get("peak_rss_above_imports_bytes")
-            if mem_key
-            else None
-        )
+        rss = memory.get(mem_key, {}).get("peak_rss_above_imports_bytes") if mem_key else None
         print(
             f"{name:<16} {row['wall_median_s']:>8.3f} {iqr:>15} "
             f"{row['wall_min_s'] if row.get('wall_min_s') is not None else float('nan'):>7.3f} "
@@ -1053,9 +939,7 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
             f"{rss / mib if rss else float('nan'):>9.1f}"
         )
     if "ours/full" in result["timings"]:
-        print(
-            "(ours/full = ours/model + ours/color; in training the colour work runs in DataLoader workers)"
-        )
+        print("(ours/full = ours/model + ours/color; in training the colour work runs in DataLoader workers)")
     ratios = result["ratios"]
     if ratios:
         print(
@@ -1076,9 +960,7 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
             f"{'met' if ratios['meets_memory_target'] else 'NOT met'}"
         )
     for side, profile in profiles.items():
-        print(
-            f"\n### {side}: top operators of one model step (self time)\n{profile['table']}"
-        )
+        print(f"\n### {side}: top operators of one model step (self time)\n{profile['table']}")
         print(f"\n### {side}: by input shape\n{profile['shapes_table']}")
 
 

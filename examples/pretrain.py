@@ -247,7 +247,13 @@ def build_dataset(args, config: StellarConfig):
     return dataset, description
 
 
-LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+# Processes on this machine, as torchrun, Open MPI, MPICH and MVAPICH announce them (the list accelerate reads).
+LOCAL_SIZE_VARIABLES = (
+    "LOCAL_WORLD_SIZE",
+    "MPI_LOCALNRANKS",
+    "OMPI_COMM_WORLD_LOCAL_SIZE",
+    "MV2_COMM_WORLD_LOCAL_SIZE",
+)
 
 
 def cpu_thread_count(requested: int | None, num_processes: int, environ=os.environ) -> int | None:
@@ -331,21 +337,6 @@ def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     return inputs
 
 
-def mask_noise_for(model: StellarForPreTraining, batch: dict, generator: torch.Generator, device) -> torch.Tensor | None:
-    """
-    The masking noise `(B * M, N)` of the batch's masked global views, drawn here rather than in `forward` so that
-    the compiled model (`accelerate launch --dynamo_backend ...`) holds no random number generator.
-    """
-    views = batch.get("global_views")
-    num_masked = min(model.config.num_masked_views, views.shape[1]) if views is not None else 0
-    if num_masked == 0:
-        return None
-    patch_size = model.config.patch_size
-    grid_size = (views.shape[-2] // patch_size, views.shape[-1] // patch_size)
-    return model.draw_mask_noise(views.shape[0] * num_masked, grid_size, generator, device)
-
-
-@torch.no_grad()
 def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
     """Reconstructions and every sparse token's spatial map for a few images, as PNGs (and to tensorboard)."""
     from stellar_hf.visualization import reconstruction_grid, spatial_map_grid
@@ -561,7 +552,8 @@ def main(argv=None) -> int:
             with accelerator.accumulate(model):
                 outputs = model(
                     **to_model_inputs(batch, config),
-                    mask_noise=mask_noise_for(unwrapped, batch, generator, accelerator.device),
+                    # Drawn here, not in forward, so that a compiled model holds no random number generator.
+                    mask_noise=unwrapped.draw_mask_noise(batch.get("global_views"), generator, accelerator.device),
                 )
                 finite = torch.isfinite(outputs.loss.detach()).float()
                 if accelerator.gather(finite.reshape(1)).min() < 1:

@@ -1099,24 +1099,33 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         scores = logits.detach().flatten(0, -2) / self.config.sinkhorn_temperature
         return sinkhorn_knopp(scores, self.config.sinkhorn_iterations).view_as(logits).float()
 
+    def num_masked_views_in(self, global_views: torch.Tensor | None) -> int:
+        """How many of the `(B, M, C, H, W)` global views are masked and encoded (the first ones, at most
+        `config.num_masked_views`)."""
+        return min(self.config.num_masked_views, global_views.shape[1]) if global_views is not None else 0
+
     def draw_mask_noise(
         self,
-        num_views: int,
-        grid_size: tuple[int, int],
+        global_views: torch.Tensor | None,
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """
-        Focal masking noise for `num_views` masked views of a `grid_size` patch grid, `(num_views, N)`, with the
-        config's focal probability and sigma range, drawn from `generator` (see `losses_stellar.masking_noise`).
+        Focal masking noise for the masked views among `global_views` `(B, M, C, H, W)`: `(B * M', N)` with M' of
+        [`num_masked_views_in`] and N the patches of a view, rows image-major; `None` when no view is masked. Uses the
+        config's focal probability and sigma range and draws from `generator` (see `losses_stellar.masking_noise`).
 
         Training loops can draw it outside the model and pass it as `mask_noise`, which keeps `forward` free of
         random number generators (one graph under `torch.compile`).
         """
+        num_masked = self.num_masked_views_in(global_views)
+        if num_masked == 0:
+            return None
+        grid_height, grid_width = grid_size_of(global_views[:, 0], self.config.patch_size)
         return masking_noise(
-            num_views,
-            grid_size[0],
-            grid_size[1],
+            global_views.shape[0] * num_masked,
+            grid_height,
+            grid_width,
             focal_probability=self.config.focal_masking_probability,
             sigma_range=tuple(self.config.focal_sigma_range),
             generator=generator,
@@ -1124,27 +1133,19 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
         )
 
     def masked_keep_indices(
-        self,
-        batch_size: int,
-        grid_size: tuple[int, int],
-        mask_noise: torch.Tensor | None,
-        generator: torch.Generator | None,
-        device: torch.device,
+        self, mask_noise: torch.Tensor, num_views: int, grid_size: tuple[int, int]
     ) -> torch.LongTensor:
         """
-        Patches each masked view keeps: the `(1 - mask_ratio)` fraction with the lowest noise, `(V, N_keep)`.
-
-        `mask_noise` `(V, N)` is used as given; otherwise focal noise is drawn from `generator`.
+        Patches each masked view keeps: the `(1 - mask_ratio)` fraction with the lowest `mask_noise` `(V, N)`,
+        `(V, N_keep)`.
         """
         num_patches = grid_size[0] * grid_size[1]
-        if mask_noise is None:
-            mask_noise = self.draw_mask_noise(batch_size, grid_size, generator, device)
-        if mask_noise.shape != (batch_size, num_patches):
+        if mask_noise.shape != (num_views, num_patches):
             raise ValueError(
-                f"mask_noise must have shape {(batch_size, num_patches)} (views, patches), got {tuple(mask_noise.shape)}"
+                f"mask_noise must have shape {(num_views, num_patches)} (views, patches), got {tuple(mask_noise.shape)}"
             )
         num_kept = num_kept_patches(num_patches, self.config.mask_ratio)
-        return torch.argsort(mask_noise.to(device), dim=1, stable=True)[:, :num_kept]
+        return torch.argsort(mask_noise, dim=1, stable=True)[:, :num_kept]
 
     def forward(
         self,
@@ -1212,11 +1213,13 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
 
         mask_loss, cls_loss = zero, zero
         view_cls = []  # CLS tokens of the masked and of the local views, each (B * V, d)
-        num_masked = min(config.num_masked_views, global_views.shape[1]) if global_views is not None else 0
+        num_masked = self.num_masked_views_in(global_views)
         if num_masked > 0:
             views = global_views[:, :num_masked].flatten(0, 1)
+            if mask_noise is None:
+                mask_noise = self.draw_mask_noise(global_views, generator, views.device)
             keep_indices = self.masked_keep_indices(
-                views.shape[0], grid_size_of(views, config.patch_size), mask_noise, generator, views.device
+                mask_noise.to(views.device), views.shape[0], grid_size_of(views, config.patch_size)
             )
             # Only the sparse tokens (and CLS, when it is clustered) of a masked view are read, so the last layer
             # computes just those rows.

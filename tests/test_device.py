@@ -179,6 +179,7 @@ def test_compiled_pretraining_step(device):
 
 
 def test_feature_extraction_pipeline(device, tmp_path):
+    from PIL import Image
     from transformers import pipeline
 
     from stellar_hf import StellarImageProcessor
@@ -186,13 +187,14 @@ def test_feature_extraction_pipeline(device, tmp_path):
     model = build_model(MODEL)
     model.save_pretrained(tmp_path)
     StellarImageProcessor.from_model_config(model.config).save_pretrained(tmp_path)
-    image = (torch.rand(40, 50, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
-    from PIL import Image
-
-    extractor = pipeline("image-feature-extraction", model=str(tmp_path), device=device)
-    on_device = torch.as_tensor(extractor(Image.fromarray(image), return_tensors=False))
-    on_cpu = torch.as_tensor(
-        pipeline("image-feature-extraction", model=str(tmp_path), device="cpu")(Image.fromarray(image), return_tensors=False)
-    )
+    pixels = (torch.rand(40, 50, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    image = Image.fromarray(pixels)
+    features = {
+        where: torch.as_tensor(
+            pipeline("image-feature-extraction", model=str(tmp_path), device=where)(image, return_tensors=False)
+        )
+        for where in (device, "cpu")
+    }
+    on_device, on_cpu = features[device], features["cpu"]
     assert on_device.shape == on_cpu.shape
     torch.testing.assert_close(on_device, on_cpu, rtol=1e-4, atol=1e-4)

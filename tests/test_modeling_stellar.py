@@ -934,9 +934,9 @@ def test_noise_drawn_outside_the_model_gives_the_same_step():
     model = build_model(PRETRAINING)
     inputs = make_inputs(PRETRAINING, model.config)
     inputs.pop("mask_noise")
-    num_views = BATCH_SIZE * model.config.num_masked_views
-    noise = model.draw_mask_noise(num_views, (GRID, GRID), torch.Generator().manual_seed(5))
-    assert noise.shape == (num_views, NUM_PATCHES)
+    noise = model.draw_mask_noise(inputs["global_views"], torch.Generator().manual_seed(5))
+    assert noise.shape == (BATCH_SIZE * model.config.num_masked_views, NUM_PATCHES)
+    assert model.draw_mask_noise(None) is None and model.draw_mask_noise(inputs["global_views"][:, :0]) is None
     with torch.no_grad():
         from_generator = model(**inputs, generator=torch.Generator().manual_seed(5))
         from_noise = model(**inputs, mask_noise=noise)
