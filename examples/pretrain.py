@@ -337,6 +337,7 @@ def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     return inputs
 
 
+@torch.no_grad()
 def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
     """Reconstructions and every sparse token's spatial map for a few images, as PNGs (and to tensorboard)."""
     from stellar_hf.visualization import reconstruction_grid, spatial_map_grid
