@@ -271,12 +271,16 @@ def cpu_thread_count(requested: int | None, num_processes: int, environ=os.envir
         return requested
     if environ.get("OMP_NUM_THREADS") != "1" or environ.get("ACCELERATE_USE_CPU") != "False":
         return None
+    local_processes = next((int(environ[name]) for name in LOCAL_SIZE_VARIABLES if environ.get(name)), num_processes)
+    return max(1, physical_cores() // max(local_processes, 1))
+
+
+def physical_cores() -> int:
+    """The physical cores this process may run on (its CPU affinity, capped by the machine's physical cores)."""
     import psutil
 
-    local_processes = next((int(environ[name]) for name in LOCAL_SIZE_VARIABLES if environ.get(name)), num_processes)
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    physical = min(psutil.cpu_count(logical=False) or usable, usable)
-    return max(1, physical // max(local_processes, 1))
+    return min(psutil.cpu_count(logical=False) or usable, usable)
 
 
 def no_decay_parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

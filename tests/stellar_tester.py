@@ -209,3 +209,17 @@ def scalar_objective(case: Case, output) -> torch.Tensor:
     if getattr(output, "loss", None) is not None:
         return output.loss
     return sum(tensor.float().pow(2).mean() for tensor in output_tensors(output).values())
+
+
+def parameter_gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Gradient of `loss` for every trainable parameter of `model` that gets one, by name."""
+    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    gradients = torch.autograd.grad(loss, [parameter for _, parameter in named], allow_unused=True)
+    return {name: gradient for (name, _), gradient in zip(named, gradients) if gradient is not None}
+
+
+def assert_gradients_close(actual: dict, expected: dict, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+    """The same parameters got gradients on both sides, each close; the message names the parameter."""
+    assert actual.keys() == expected.keys(), f"gradients for different parameters: {set(actual) ^ set(expected)}"
+    for name, gradient in expected.items():
+        torch.testing.assert_close(actual[name], gradient, rtol=rtol, atol=atol, msg=name)

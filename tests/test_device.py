@@ -17,10 +17,12 @@ from stellar_tester import (
     MODEL,
     PRETRAINING,
     PRETRAINING_EMA,
+    assert_gradients_close,
     build_model,
     make_inputs,
     make_pixel_values,
     output_tensors,
+    parameter_gradients,
 )
 from test_vqgan import tiny_model as tiny_vqgan
 
@@ -167,15 +169,11 @@ def test_compiled_pretraining_step(device):
     model = build_model(PRETRAINING).to(device).train()
     inputs = on(device, make_inputs(PRETRAINING, model.config))
     eager = model(**inputs).loss
-    eager.backward()
-    expected = {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
+    expected = parameter_gradients(model, eager)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)(**inputs).loss
-    compiled.backward()
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
-    for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter.grad, expected[name], rtol=1e-3, atol=1e-4, msg=name)
+    assert_gradients_close(parameter_gradients(model, compiled), expected, rtol=1e-3, atol=1e-4)
 
 
 def test_feature_extraction_pipeline(device, tmp_path):

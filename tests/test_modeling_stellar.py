@@ -29,12 +29,14 @@ from stellar_tester import (
     RECONSTRUCTION_PIXEL,
     RECONSTRUCTION_VQ,
     SEQUENCE_LENGTH,
+    assert_gradients_close,
     assert_outputs_close,
     assert_state_dicts_equal,
     build_model,
     make_inputs,
     make_pixel_values,
     output_tensors,
+    parameter_gradients,
     perturb_,
     scalar_objective,
     tiny_config,
@@ -761,13 +763,6 @@ def test_local_views_drop_the_remainder_of_the_patch_grid():
     torch.testing.assert_close(model(**inputs).cls_loss, model(**cropped).cls_loss, rtol=0, atol=0)
 
 
-def parameter_gradients(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Gradient of `loss` for every parameter that gets one."""
-    named = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
-    gradients = torch.autograd.grad(loss, [parameter for _, parameter in named], allow_unused=True)
-    return {name: gradient for (name, _), gradient in zip(named, gradients) if gradient is not None}
-
-
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize(
     "rows",
@@ -784,11 +779,9 @@ def test_encode_output_rows_equal_the_full_sequence_rows(rows, attn_implementati
     partial = model.encode(pixel_values, patch_keep_indices=keep, output_rows=rows)[0]
     torch.testing.assert_close(partial, full, rtol=0, atol=1e-5)
     weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(0))
-    expected = parameter_gradients(model, (full * weights).sum())
-    actual = parameter_gradients(model, (partial * weights).sum())
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_gradients_close(
+        parameter_gradients(model, (partial * weights).sum()), parameter_gradients(model, (full * weights).sum())
+    )
 
 
 def test_encode_output_rows_refuses_hidden_states_and_attentions():
@@ -810,11 +803,10 @@ def test_kept_patch_embeddings_equal_the_full_embeddings_rows():
     actual = model.embeddings(pixel_values, patch_keep_indices=keep)
     torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
     weights = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2))
-    expected_gradients = parameter_gradients(model.embeddings, (expected * weights).sum())
-    actual_gradients = parameter_gradients(model.embeddings, (actual * weights).sum())
-    assert actual_gradients.keys() == expected_gradients.keys()
-    for name in expected_gradients:
-        torch.testing.assert_close(actual_gradients[name], expected_gradients[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_gradients_close(
+        parameter_gradients(model.embeddings, (actual * weights).sum()),
+        parameter_gradients(model.embeddings, (expected * weights).sum()),
+    )
 
 
 def test_kept_patch_embeddings_under_autocast():
@@ -953,10 +945,7 @@ def test_pretraining_step_compiles_to_one_graph():
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**inputs)
     torch.testing.assert_close(compiled.loss, eager.loss, rtol=1e-5, atol=1e-5)
-    actual_gradients = parameter_gradients(model, compiled.loss)
-    assert actual_gradients.keys() == expected_gradients.keys()
-    for name in expected_gradients:
-        torch.testing.assert_close(actual_gradients[name], expected_gradients[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_gradients_close(parameter_gradients(model, compiled.loss), expected_gradients)
 
 
 @pytest.mark.parametrize("shape", [(BATCH_SIZE, NUM_PATCHES), (BATCH_SIZE * 2, NUM_PATCHES - 1), (BATCH_SIZE * 2,)])

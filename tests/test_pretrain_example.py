@@ -167,14 +167,6 @@ def test_refuses_to_overwrite_a_trained_model(tmp_path):
     assert (output_dir / "model.safetensors").read_bytes() == b"precious"
 
 
-def physical_cores() -> int:
-    """The physical cores this process may run on."""
-    import psutil
-
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(psutil.cpu_count(logical=False) or usable, usable)
-
-
 @pytest.mark.parametrize(
     "requested, environ, expected",
     [
@@ -191,7 +183,7 @@ def physical_cores() -> int:
 def test_cpu_thread_count(requested, environ, expected):
     if isinstance(expected, str):
         divisor = int(expected.partition("/")[2] or 1)
-        expected = max(1, physical_cores() // divisor)
+        expected = max(1, PRETRAIN.physical_cores() // divisor)
     assert PRETRAIN.cpu_thread_count(requested, 1, environ) == expected
 
 
@@ -205,4 +197,4 @@ def test_accelerate_launch_placeholder_thread_count_is_replaced(tmp_path):
     output_dir = tmp_path / "run"
     launcher = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False"}
     run_pretrain(output_dir, "--max_train_steps", "1", "--skip_final_evaluation", env=launcher)
-    assert json.loads((output_dir / "results.json").read_text())["cpu_threads"] == physical_cores()
+    assert json.loads((output_dir / "results.json").read_text())["cpu_threads"] == PRETRAIN.physical_cores()
