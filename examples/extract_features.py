@@ -37,17 +37,26 @@ except ModuleNotFoundError as error:  # not installed: use the code saved with t
         raise
     stellar_hf = None
 
+
+def load_checkout_module(file_name: str, module_name: str):
+    """`stellar_hf/<file_name>` of this checkout as the module `module_name`, for when stellar_hf is not installed."""
+    path = Path(__file__).resolve().parents[1] / "stellar_hf" / file_name
+    if not path.is_file():
+        raise SystemExit(f"stellar_hf is not installed and {path} does not exist: pip install the package first")
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 if stellar_hf is not None:
+    from stellar_hf.image_processing_stellar import to_rgb_image
     from stellar_hf.visualization import denormalize, spatial_map_overlays
 else:
-    # visualization.py imports nothing from the package, so a checkout's copy loads on its own.
-    _path = Path(__file__).resolve().parents[1] / "stellar_hf" / "visualization.py"
-    if not _path.is_file():
-        raise SystemExit(f"stellar_hf is not installed and {_path} does not exist: pip install the package first")
-    _spec = importlib.util.spec_from_file_location("stellar_visualization", _path)
-    _visualization = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(_visualization)
+    # Neither file imports from the package, so a checkout's copies load on their own.
+    _visualization = load_checkout_module("visualization.py", "stellar_visualization")
     denormalize, spatial_map_overlays = _visualization.denormalize, _visualization.spatial_map_overlays
+    to_rgb_image = load_checkout_module("image_processing_stellar.py", "stellar_image_processing").to_rgb_image
 
 try:
     from tqdm.auto import tqdm
@@ -183,7 +192,9 @@ def main(argv=None) -> int:
         pictures = []
         for path in paths:
             with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
+                # STELLAR's one reading rule (16-bit, float, transparency), whatever processor version was saved with
+                # the model: the processor then gets 8-bit RGB, which every version reads alike.
+                pictures.append(to_rgb_image(image))
         pixel_values = processor(images=pictures, return_tensors="pt")["pixel_values"]
         if shape is None:
             shape = tuple(pixel_values.shape[-2:])

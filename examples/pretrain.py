@@ -15,9 +15,8 @@ import json
 import logging
 import math
 import os
-import re
-import shutil
 import sys
+import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +27,20 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from stellar_hf import StellarConfig, StellarImageProcessor
+from stellar_hf.checkpointing import (
+    Checkpoint,
+    CheckpointError,
+    NonFiniteStateError,
+    check_state_finite,
+    describe_last_good,
+    FINAL_STAGING_NAME,
+    latest_checkpoint,
+    publish_files,
+    replace_atomically,
+    read_checkpoint,
+    remove_stale_files,
+    save_checkpoint,
+)
 from stellar_hf.data import (
     MultiViewTransform,
     PretrainingDataset,
@@ -77,7 +90,6 @@ PRESETS = {
 DEFAULT_SYNTHETIC_STEPS = 450
 SMALL_PRESET_BASE_LEARNING_RATE = 4e-3
 RECIPE_BASE_LEARNING_RATE = 1.5e-4 * 256 / 2048
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -301,35 +313,100 @@ def masking_generator(seed: int, step: int, process_index: int) -> torch.Generat
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1_009 + process_index) % (2**63))
 
 
-def sorted_checkpoints(output_dir: Path) -> list[Path]:
-    found = [(int(match.group(1)), path) for path in output_dir.glob("checkpoint-*") if (match := CHECKPOINT_PATTERN.match(path.name))]
-    return [path for _, path in sorted(found)]
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, limit: int | None) -> None:
-    """Save the full training state to `checkpoint-{step}` and drop the oldest beyond `limit`."""
-    path = output_dir / f"checkpoint-{step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / "training_step.json").write_text(json.dumps({"completed_steps": step}))
-        if limit:
-            for old in sorted_checkpoints(output_dir)[:-limit]:
-                shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def resolve_resume_path(args, output_dir: Path) -> Path | None:
+def resolve_resume_path(args, output_dir: Path) -> Checkpoint | None:
+    """
+    The checkpoint `--resume_from_checkpoint` names, checked complete: `latest` is the newest complete one in
+    `output_dir` (folders it skips are logged with the reason); a path must be a complete checkpoint.
+    """
     if not args.resume_from_checkpoint:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = sorted_checkpoints(output_dir)
-        if not checkpoints:
-            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint-* folder in {output_dir}")
-        return checkpoints[-1]
-    path = Path(args.resume_from_checkpoint)
-    if not (path / "training_step.json").is_file():
-        raise ValueError(f"{path} is not a checkpoint written by this script (no training_step.json)")
-    return path
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise SystemExit(f"error: --resume_from_checkpoint latest: no complete checkpoint-* folder in {output_dir}")
+    else:
+        try:
+            checkpoint = read_checkpoint(args.resume_from_checkpoint)
+        except CheckpointError as error:
+            raise SystemExit(f"error: --resume_from_checkpoint: {error}") from None
+    if args.max_train_steps is not None and checkpoint.step > args.max_train_steps:
+        raise SystemExit(
+            f"error: {checkpoint.path} was saved at step {checkpoint.step}, past --max_train_steps "
+            f"{args.max_train_steps}; pass --max_train_steps {checkpoint.step} or more to continue it, or resume "
+            "an earlier checkpoint"
+        )
+    return checkpoint
+
+
+# Launchers announce the total number of processes in one of these (torchrun, Open MPI, MPICH/Intel MPI, MVAPICH).
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launcher_world_size(environ=os.environ) -> int:
+    """The number of processes the launcher started (1 when the script was started directly)."""
+    return next((int(environ[name]) for name in WORLD_SIZE_VARIABLES if environ.get(name)), 1)
+
+
+def accelerate_launch_processes(parent_command: list[str] | None = None) -> int | None:
+    """
+    The process count an enclosing `accelerate launch` was asked for (its `--num_processes`, else its config
+    file's), or None when this process was not started by `accelerate launch`.
+
+    On a machine without GPUs, `accelerate launch --num_processes N` (with or without `--cpu`) starts one process
+    and exports nothing that says N was asked; its command line is the only place where the request survives.
+    """
+    if parent_command is None:
+        try:
+            import psutil
+
+            parent_command = psutil.Process().parent().cmdline()
+        except Exception:  # no parent, or not allowed to read it
+            return None
+    names = [Path(part).name for part in parent_command]
+    if "launch" not in names or not any(name.startswith("accelerate") for name in names[: names.index("launch")]):
+        return None
+    from accelerate.commands.config import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launch_args = launch_command_parser().parse_args(parent_command[names.index("launch") + 1 :])
+    except SystemExit:
+        return None
+    if launch_args.num_processes is not None:
+        return launch_args.num_processes
+    config_file = launch_args.config_file or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config_file and not launch_args.cpu:
+        return load_config_from_file(config_file).num_processes
+    return None
+
+
+def accelerator_available() -> bool:
+    """Whether this machine has a GPU (or another torch accelerator) for Accelerate to use."""
+    if hasattr(torch, "accelerator"):
+        return torch.accelerator.is_available()
+    return torch.cuda.is_available()
+
+
+def check_process_count(accelerator: Accelerator, environ=os.environ, asked: int | None = None) -> None:
+    """
+    Stop at once, with the command to run instead, when the run has fewer (or more) processes than were asked for.
+    """
+    started = launcher_world_size(environ)
+    cpu_commands = (
+        "on CPUs, start N processes with `torchrun --nproc_per_node N examples/pretrain.py ...` or "
+        "`accelerate launch --multi_gpu --num_processes N examples/pretrain.py ...` (both use gloo when no GPU is "
+        "present); see docs/training.md"
+    )
+    if accelerator.num_processes != started:
+        raise SystemExit(
+            f"error: the launcher started {started} processes but Accelerate sees {accelerator.num_processes} "
+            f"(distributed type {accelerator.distributed_type}); every process would train on its own. {cpu_commands}"
+        )
+    if asked is not None and asked != accelerator.num_processes:
+        raise SystemExit(
+            f"error: `accelerate launch` was asked for {asked} processes but started {accelerator.num_processes} "
+            f"(without GPUs its launcher runs a single process); {cpu_commands}"
+        )
 
 
 def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
@@ -363,7 +440,8 @@ def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag
     written = []
     for name, panel in panels.items():
         path = image_dir / f"{name}_{tag}.png"
-        panel.save(path)
+        with replace_atomically(path) as temporary:
+            panel.save(temporary, format="PNG")
         written.append(path)
         try:
             tracker = accelerator.get_tracker("tensorboard", unwrap=True)
@@ -442,11 +520,28 @@ def run_probes(model, args, config, accelerator) -> dict | None:
 
 
 def main(argv=None) -> int:
+    """Run the script; returns the exit status (0 done, 1 a clear error that was printed)."""
     args = parse_args(argv)
+    try:
+        return train(args)
+    except OSError as error:
+        # A full disk or a lost mount: say what failed and what is safe, not a traceback.
+        message = f"{error}; {describe_last_good(args.output_dir)}"
+        logger.error(message)
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+def train(args: argparse.Namespace) -> int:
+    """Pretrain as `args` say (see `parse_args`); returns the exit status."""
     output_dir = Path(args.output_dir)
     resuming = args.resume_from_checkpoint is not None
     project = ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs"))
+    asked_processes = accelerate_launch_processes()
     accelerator = Accelerator(
+        # Without `cpu=True` Accelerate ignores torchrun's WORLD_SIZE on a machine without GPUs, and every process
+        # would train alone on all the data.
+        cpu=launcher_world_size() > 1 and not accelerator_available(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -456,6 +551,7 @@ def main(argv=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
+    check_process_count(accelerator, asked=asked_processes)
     final_weights = output_dir / "model.safetensors"
     if final_weights.exists() and not (resuming or args.overwrite_output_dir):
         raise SystemExit(
@@ -512,20 +608,26 @@ def main(argv=None) -> int:
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_files(output_dir)
+    accelerator.wait_for_everyone()
     if args.report_to != "none":
         tracked = {key: value for key, value in vars(args).items() if isinstance(value, (int, float, str, bool))}
         accelerator.init_trackers("stellar_pretrain", config=tracked)
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
-    resume_path = resolve_resume_path(args, output_dir)
-    if resume_path is not None:
-        accelerator.load_state(str(resume_path))
-        completed_steps = json.loads((resume_path / "training_step.json").read_text())["completed_steps"]
+    resume = resolve_resume_path(args, output_dir)
+    if resume is not None:
+        accelerator.load_state(str(resume.path))
+        completed_steps = resume.step
+        try:
+            check_state_finite(accelerator, model, [optimizer], when=f"in {resume.path} ")
+        except NonFiniteStateError as error:
+            raise SystemExit(f"error: {error}; resume an earlier checkpoint instead") from None
         if not args.streaming:
             batches_per_epoch = len(loader)
             micro_steps = completed_steps * args.gradient_accumulation_steps
             start_epoch, skip_batches = divmod(micro_steps, batches_per_epoch)
-        logger.info("resumed from %s at step %d", resume_path, completed_steps)
+        logger.info("resumed from %s at step %d", resume.path, completed_steps)
 
     logger.info(
         "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es) on %s%s",
@@ -540,7 +642,7 @@ def main(argv=None) -> int:
     unwrapped = accelerator.unwrap_model(model)
     image_every = args.image_logging_steps or max(args.max_train_steps // 4, 1)
     started = time.monotonic()
-    last_batch, stop_reason = None, None
+    last_batch, stop_reason, failure = None, None, None
     epoch, micro_batches_in_step = start_epoch, 0
     model.train()
     while completed_steps < args.max_train_steps and stop_reason is None:
@@ -562,11 +664,7 @@ def main(argv=None) -> int:
                 )
                 finite = torch.isfinite(outputs.loss.detach()).float()
                 if accelerator.gather(finite.reshape(1)).min() < 1:
-                    stop_reason = (
-                        f"the loss became NaN or infinite at step {completed_steps + 1}; stopping without saving "
-                        "this state (the last checkpoint is the last good one). Lower --base_learning_rate, "
-                        "use bf16 instead of fp16, or check the data."
-                    )
+                    failure = f"the loss became NaN or infinite at step {completed_steps + 1}"
                     break
                 accelerator.backward(outputs.loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -589,20 +687,43 @@ def main(argv=None) -> int:
             if completed_steps % args.logging_steps == 0 and args.report_to != "none":
                 accelerator.log({**parts, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, completed_steps, args.checkpoints_total_limit)
+                try:
+                    save_checkpoint(
+                        accelerator, output_dir, completed_steps, args.checkpoints_total_limit, model, [optimizer]
+                    )
+                except NonFiniteStateError as error:
+                    failure = str(error)
+                    break
+                except CheckpointError as error:
+                    accelerator.end_training()
+                    raise SystemExit(f"error: {error}") from None
             if completed_steps % image_every == 0 and accelerator.is_main_process:
-                save_images(model, batch, config, output_dir, f"{completed_steps:06d}", accelerator)
+                try:
+                    save_images(model, batch, config, output_dir, f"{completed_steps:06d}", accelerator)
+                except OSError as error:
+                    logger.warning("could not write the step %d images: %s", completed_steps, error)
             if args.max_train_minutes and (time.monotonic() - started) / 60 > args.max_train_minutes:
                 stop_reason = f"--max_train_minutes {args.max_train_minutes} reached at step {completed_steps}"
             if completed_steps >= args.max_train_steps or stop_reason:
                 break
+        if failure:
+            break
         epoch += 1
     progress.close()
 
-    if stop_reason and stop_reason.startswith("the loss"):
+    if failure is None:
+        try:
+            check_state_finite(accelerator, model, [optimizer], when=f"after step {completed_steps} ")
+        except NonFiniteStateError as error:
+            failure = str(error)
+    if failure:
         accelerator.end_training()
-        logger.error(stop_reason)
-        print(f"error: {stop_reason}", file=sys.stderr)
+        message = (
+            f"{failure}; stopping without saving this state: {describe_last_good(output_dir)}. Lower "
+            "--base_learning_rate, use bf16 instead of fp16, or check the data."
+        )
+        logger.error(message)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     if stop_reason:
         logger.info(stop_reason)
@@ -611,21 +732,25 @@ def main(argv=None) -> int:
     unwrapped = accelerator.unwrap_model(model)
     results = None if args.skip_final_evaluation else run_probes(model, args, config, accelerator)
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, save_function=accelerator.save)
-        StellarImageProcessor.from_model_config(config).save_pretrained(output_dir)
+        # Everything goes to a staging folder first and is then moved in file by file, `results.json` last: a run
+        # killed during the final save never leaves a truncated file, and `results.json` says the save finished.
+        staging = output_dir / FINAL_STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.save_pretrained(staging, save_function=accelerator.save)
+        StellarImageProcessor.from_model_config(config).save_pretrained(staging)
         if last_batch is not None:
             save_images(model, last_batch, config, output_dir, "final", accelerator)
         summary = {
             "completed_steps": completed_steps,
             "data": data_description,
             "global_batch_size": global_batch,
+            "num_processes": accelerator.num_processes,
             "learning_rate": learning_rate,
             "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(accelerator.device),
             "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
             "probes": results,
         }
-        (output_dir / "results.json").write_text(json.dumps(summary, indent=2))
         card_results = []
         dataset_name = "probe images" if args.probe_train_dir else "synthetic scenes"
         for task, scores in (results or {}).items():
@@ -643,7 +768,7 @@ def main(argv=None) -> int:
             f"gradient clipping {args.max_grad_norm}, seed {args.seed}, {accelerator.num_processes} process(es), "
             f"mixed precision {accelerator.mixed_precision}."
         )
-        (output_dir / "README.md").write_text(
+        (staging / "README.md").write_text(
             render_model_card(
                 config,
                 training_details=details,
@@ -652,6 +777,8 @@ def main(argv=None) -> int:
                 results=card_results,
             )
         )
+        (staging / "results.json").write_text(json.dumps(summary, indent=2))
+        publish_files(staging, output_dir, last="results.json")
         print(json.dumps(summary))
         if args.push_to_hub:
             from huggingface_hub import HfApi

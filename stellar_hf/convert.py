@@ -5,8 +5,9 @@
 Reads a PyTorch Lightning `.ckpt` (`{"state_dict": {"model.<name>": tensor}, ...}`) or a `.safetensors` / `.bin` /
 `.pt` state dict with or without the `model.` prefix, never executing pickled code. Every size is inferred from tensor
 shapes; the only free choices are the head counts and the spatial temperature, which the weights do not record. Names
-are mapped with one key table, loaded strictly, saved with `save_pretrained`, reloaded, and the reloaded outputs
-compared with the converted model before the command exits. Not imported by `stellar_hf/__init__.py`.
+(the EMA teacher's included) are mapped with one key table, loaded strictly, saved with `save_pretrained`, reloaded,
+and the reloaded outputs compared with the converted model before the command exits. Every dropped key is named in
+the log. Not imported by `stellar_hf/__init__.py`.
 """
 
 import argparse
@@ -52,9 +53,26 @@ DROPPED_KEY_PATTERNS = {
     r"^encoder\.pooler\.": "the encoder's pooler (unused)",
     r"^decoder\.embeddings\.": "the decoder's patch embedding, CLS and positions (unused)",
     r"^decoder\.pooler\.": "the decoder's pooler (unused)",
-    r"^teacher_": "the EMA teacher (re-made from the student when a run enables it)",
+    r"^teacher_encoder\.pooler\.": "the EMA teacher encoder's pooler (unused)",
     r"^tokenizer\.": "the frozen MaskGIT VQGAN (convert it with `python -m stellar_hf.convert_vqgan`)",
 }
+
+# The original's EMA teacher (`momentum_teacher=True`): its own `ViTModel` encoder, sparse tokens and clustering heads,
+# saved beside the student's. Each teacher name is the student's original name under another prefix; ours is the
+# student's name under `teacher.` (`StellarTeacher` holds `stellar`, `sparse_clustering_head`, `cls_clustering_head`).
+# The original teacher has no `dense_proj` / `sparse_proj`: its targets read only the sparse and CLS tokens.
+TEACHER_KEY_PREFIXES = {
+    "teacher_encoder.": "encoder.",
+    "teacher_head.": "clustering_head.",
+    "teacher_cls_head.": "cls_cluster_head.",
+}
+TEACHER_KEY_NAMES = {"teacher_sparse_tokens": "sparse_tokens"}
+# Where our teacher's modules sit in the student: a teacher key must map into one of these.
+_TEACHER_TARGET_PREFIXES = ("stellar.", "sparse_clustering_head.", "cls_clustering_head.")
+# The original's hyper-parameter that turns its EMA teacher on, and where a checkpoint keeps hyper-parameters
+# (Lightning: `hyper_parameters`; older Lightning: `hparams`; other trainers: `config`, `cfg`, `args`).
+TEACHER_FLAG = "momentum_teacher"
+HYPER_PARAMETER_KEYS = ("hyper_parameters", "hparams", "config", "cfg", "args")
 
 # Transformer block names inside a transformers `ViTModel` layer: 4.x names first, 5.x names second. Also used by
 # `stellar_hf.encoder_init` for MAE / ViT backbones.
@@ -138,17 +156,21 @@ def default_num_attention_heads(hidden_size: int) -> int:
 class _OpaqueObject:
     """
     Stands in for an object of a class `torch.load(weights_only=True)` may not build (hyper-parameters, OmegaConf
-    configs, paths in a Lightning checkpoint). It runs no code from the file and keeps none of its state.
+    configs, paths in a Lightning checkpoint). It runs no code from the file. It keeps the arguments and state the
+    safe unpickler hands it, which are themselves only plain containers, numbers, strings, tensors and other
+    placeholders, so that the run's hyper-parameters can be read (`_find_setting`).
     """
 
     def __new__(cls, *args, **kwargs):
-        return super().__new__(cls)
+        instance = super().__new__(cls)
+        instance._args, instance._state = args, None
+        return instance
 
     def __init__(self, *args, **kwargs):
         pass
 
     def __setstate__(self, state):
-        pass
+        self._state = state
 
     def __repr__(self) -> str:
         return "<object not unpickled>"
@@ -225,6 +247,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     `{"module": ...}`); keeps names as they are. Raises `CheckpointError` for missing, corrupt, truncated or foreign
     files and for anything that is not a non-empty mapping of names to tensors.
     """
+    return _read_checkpoint(path)[0]
+
+
+def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
+    """`read_state_dict`, and the whole object the file holds (for the hyper-parameters a training checkpoint keeps)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
@@ -242,6 +269,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         _check_zip_checksums(path)
         checkpoint = _torch_load(path)
+    whole = checkpoint
     if isinstance(checkpoint, Mapping) and not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
         for key in WRAPPER_KEYS:
             if isinstance(checkpoint.get(key), Mapping):
@@ -256,7 +284,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path} is not a model state dict: {len(foreign)} entries are not tensors, e.g. {foreign[:5]}"
         )
-    return dict(checkpoint)
+    return dict(checkpoint), whole
 
 
 def _strip_prefix(name: str) -> str:
@@ -285,7 +313,21 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     Accepts a Lightning `.ckpt`, a plain `torch.save`d state dict, or `.safetensors`. Raises `CheckpointError` for
     missing, corrupt, truncated or foreign files.
     """
-    state_dict = {_strip_prefix(name): tensor for name, tensor in read_state_dict(path).items()}
+    return _load_original(path)[0]
+
+
+def _load_original(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[str, object] | None]:
+    """`load_original_state_dict`, and where the file's hyper-parameters set `momentum_teacher` (name, value)."""
+    raw_state_dict, checkpoint = _read_checkpoint(path)
+    teacher_flag = None
+    if isinstance(checkpoint, Mapping):
+        for key in HYPER_PARAMETER_KEYS:
+            if key in checkpoint and not isinstance(checkpoint[key], torch.Tensor):
+                teacher_flag = _find_setting(checkpoint[key], TEACHER_FLAG, key)
+                if teacher_flag is not None:
+                    break
+    del checkpoint  # the optimiser state can be as large as the weights
+    state_dict = {_strip_prefix(name): tensor for name, tensor in raw_state_dict.items()}
     if "sparse_tokens" not in state_dict:
         raise CheckpointError(
             f"{path} has no `sparse_tokens`: it is not a STELLAR checkpoint." + _foreign_hint(state_dict)
@@ -300,7 +342,51 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     not_finite = [name for name, tensor in kept.items() if not bool(tensor.isfinite().all())]
     if not_finite:
         raise CheckpointError(f"{path} has NaN or infinite values in {not_finite[:10]}")
-    return state_dict
+    return state_dict, teacher_flag
+
+
+def _find_setting(
+    value: object, key: str, where: str, seen: set[int] | None = None, depth: int = 0
+) -> tuple[str, object] | None:
+    """
+    The first `key` in nested hyper-parameters (dicts, lists, and the state of placeholders for `argparse.Namespace`
+    or OmegaConf objects, whose leaves keep their value in `_val`), as (dotted name, value); `None` when absent.
+    """
+    seen = set() if seen is None else seen
+    if isinstance(value, (torch.Tensor, str, bytes, int, float, type)) or value is None or id(value) in seen:
+        return None
+    if depth > 64:  # hyper-parameters are shallow; this bounds the recursion on a pathological file
+        return None
+    seen.add(id(value))  # OmegaConf nodes point back to their parents
+    if isinstance(value, _OpaqueObject):
+        children = [(where, value._state), *((where, argument) for argument in value._args)]
+    elif isinstance(value, Mapping):
+        if key in value:
+            return f"{where}.{key}", _plain_value(value[key])
+        # Private names (OmegaConf's `_content`, `_metadata`) are not part of the dotted name.
+        children = [(f"{where}.{name}" if isinstance(name, str) and not name.startswith("_") else where, child)
+                    for name, child in value.items()]  # fmt: skip
+    elif isinstance(value, (list, tuple)):
+        children = [(where, child) for child in value]
+    else:
+        return None
+    for child_where, child in children:
+        found = _find_setting(child, key, child_where, seen, depth + 1)
+        if found is not None:
+            return found
+    return None
+
+
+def _plain_value(value: object) -> object:
+    """A hyper-parameter's value; OmegaConf keeps a leaf's value in the `_val` of its node."""
+    for _ in range(8):
+        if isinstance(value, _OpaqueObject) and isinstance(value._state, Mapping) and "_val" in value._state:
+            value = value._state["_val"]
+    return value
+
+
+def _is_true(value: object) -> bool:
+    return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -328,10 +414,35 @@ def dropped_reason(name: str) -> str | None:
     return None
 
 
+def teacher_student_name(name: str) -> str | None:
+    """The original student name an original EMA-teacher key copies (`teacher_head.x` -> `clustering_head.x`), or
+    `None` when `name` is no teacher key."""
+    if name in TEACHER_KEY_NAMES:
+        return TEACHER_KEY_NAMES[name]
+    for prefix, student_prefix in TEACHER_KEY_PREFIXES.items():
+        if name.startswith(prefix):
+            return student_prefix + name[len(prefix) :]
+    return None
+
+
 def rename_key(name: str) -> str | None:
-    """Our parameter name for an original one, or `None` for a key we drop. Unknown keys raise `CheckpointError`."""
+    """
+    Our parameter name for an original one, or `None` for a key we drop. Unknown keys raise `CheckpointError`.
+
+    An EMA-teacher key gets the name of the student key it copies under `teacher.`
+    (`teacher_encoder.encoder.layer.0.…` -> `teacher.stellar.encoder.layers.0.…`).
+    """
     if dropped_reason(name) is not None:
         return None
+    student_name = teacher_student_name(name)
+    if student_name is not None:
+        try:
+            target = rename_key(student_name)
+        except CheckpointError:
+            target = None
+        if target is None or not target.startswith(_TEACHER_TARGET_PREFIXES):
+            raise CheckpointError(f"unknown EMA teacher key {name!r}: not part of a STELLAR checkpoint")
+        return "teacher." + target
     for prefix_pattern, target in _LAYER_PREFIXES:
         match = re.match(prefix_pattern, name)
         if match:
@@ -420,6 +531,8 @@ def infer_config(
 
     Heads default to `default_num_attention_heads(width)` for the encoder and 8 for the decoder (what the original
     hard-codes); the spatial temperature is not in the weights either (the original's default is 0.06).
+    `use_ema_teacher` is set when the checkpoint holds EMA-teacher weights and converts to `StellarForPreTraining`,
+    the one class that keeps a teacher.
     """
     missing = [name for name in REQUIRED_KEYS if name not in state_dict]
     if missing:
@@ -495,6 +608,8 @@ def infer_config(
         )
         if predictor_hidden_size is not None:
             kwargs["predictor_hidden_size"] = predictor_hidden_size
+        if model_class_for(state_dict) is StellarForPreTraining and teacher_keys(state_dict):
+            kwargs["use_ema_teacher"] = True
     try:
         return StellarConfig(**kwargs)
     except ValueError as error:
@@ -502,6 +617,11 @@ def infer_config(
         if "num_attention_heads" in str(error):
             hint = " Pass the head counts it was trained with (--num_attention_heads / --decoder_num_attention_heads)."
         raise CheckpointError(f"the inferred configuration is invalid: {error}.{hint}") from error
+
+
+def teacher_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The original EMA-teacher keys of a state dict (names without `model.`), its unused pooler included."""
+    return [name for name in state_dict if teacher_student_name(name) is not None]
 
 
 def model_class_for(state_dict: Mapping[str, torch.Tensor]) -> type[StellarPreTrainedModel]:
@@ -512,6 +632,54 @@ def model_class_for(state_dict: Mapping[str, torch.Tensor]) -> type[StellarPreTr
     if has_decoder:
         return StellarForImageReconstruction
     return StellarModel
+
+
+def _name_summary(names: list[str], all_names: list[str], limit: int = 12) -> str:
+    """
+    `names`, listed in full when there are at most `limit`; otherwise grouped by their first component, written
+    `prefix.*` (count) where `names` holds every key of `all_names` under that prefix.
+    """
+    if len(names) <= limit:
+        return ", ".join(names)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.split(".", 1)[0], []).append(name)
+    totals: dict[str, int] = {}
+    for name in all_names:
+        first = name.split(".", 1)[0]
+        totals[first] = totals.get(first, 0) + 1
+    parts = []
+    for first, members in groups.items():
+        if len(members) == 1 and members[0] == first:
+            parts.append(first)
+        elif len(members) == totals.get(first):
+            parts.append(f"{first}.* ({len(members)})")
+        else:
+            parts.extend(members)
+    return ", ".join(parts)
+
+
+def _log_dropped(dropped: list[str], all_names: list[str]) -> None:
+    """One log line per reason, with the keys it covers."""
+    by_reason: dict[str, list[str]] = {}
+    for name in dropped:
+        by_reason.setdefault(dropped_reason(name), []).append(name)
+    for reason, names in by_reason.items():
+        logger.info("dropped %d keys: %s: %s", len(names), reason, _name_summary(names, all_names))
+
+
+def _complete_teacher(converted: dict[str, torch.Tensor]) -> list[str]:
+    """
+    Give our teacher the student's factorization when the original teacher has none (it never has: its targets read
+    only the sparse and CLS tokens, so the copy changes no target). Returns the names filled in.
+    """
+    copied = []
+    for name in list(converted):
+        teacher_name = "teacher." + name
+        if name.startswith("stellar.factorization.") and teacher_name not in converted:
+            converted[teacher_name] = converted[name].clone()
+            copied.append(teacher_name)
+    return copied
 
 
 def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -> None:
@@ -595,27 +763,62 @@ def convert_checkpoint(
     README model card; it is reloaded and its weights and outputs compared with the converted model before this
     returns.
 
+    An original EMA teacher (`teacher_encoder.*`, `teacher_sparse_tokens`, `teacher_head.*`, `teacher_cls_head.*`)
+    becomes our `teacher` (`use_ema_teacher=True`) when the model is a `StellarForPreTraining`; for the other classes
+    its tensors are counted in a warning. Every dropped key is named in the log, and a checkpoint whose
+    hyper-parameters say `momentum_teacher=True` but that holds no teacher weights is reported.
+
     Raises:
         CheckpointError: the file cannot be read, is not a STELLAR checkpoint, or does not fit the inferred model
             (keys listed by name).
         RuntimeError: the saved folder does not reload to the same weights and outputs.
     """
-    original = load_original_state_dict(checkpoint_path)
+    original, teacher_flag = _load_original(checkpoint_path)
     config = infer_config(original, num_attention_heads, decoder_num_attention_heads, spatial_temperature)
     model_class = model_class_for(original)
     converted, dropped = convert_state_dict(original)
-    reasons: dict[str, int] = {}
-    for name in dropped:
-        reasons[dropped_reason(name)] = reasons.get(dropped_reason(name), 0) + 1
-    for reason, count in reasons.items():
-        logger.info("dropped %d keys: %s", count, reason)
+    teacher = teacher_keys(original)
+    keeps_teacher = model_class is StellarForPreTraining
+    # Without a teacher in the target class, its keys (pooler included) are reported once, below.
+    _log_dropped([name for name in dropped if keeps_teacher or name not in teacher], list(original))
+    if teacher_flag is not None and _is_true(teacher_flag[1]) and not teacher:
+        logger.warning(
+            "the checkpoint's hyper-parameters say its run used an EMA teacher (%s=%r) but it holds no teacher "
+            "weights (teacher_encoder.*, teacher_sparse_tokens, teacher_head.*): converted without one "
+            "(use_ema_teacher=False). To pretrain further with a teacher, load with use_ema_teacher=True and call "
+            "reset_teacher(), which starts a new teacher from the student",
+            *teacher_flag,
+        )
+    if teacher and not keeps_teacher:
+        logger.warning(
+            "not converting the %d EMA teacher tensors (%s): %s has no EMA teacher; only StellarForPreTraining, "
+            "which needs both the decoder and the clustering heads, keeps one",
+            len(teacher),
+            _name_summary(teacher, list(original)),
+            model_class.__name__,
+        )
+        converted = {name: tensor for name, tensor in converted.items() if not name.startswith("teacher.")}
+    elif teacher:
+        copied = _complete_teacher(converted)
+        logger.info(
+            "converted the EMA teacher: %d tensors -> teacher.*%s",
+            sum(name.startswith("teacher.") for name in converted) - len(copied),
+            (
+                f"; the original teacher has no dense_proj / sparse_proj (its targets read only the sparse and CLS "
+                f"tokens), so {', '.join(copied)} are copies of the student's"
+                if copied
+                else ""
+            ),
+        )
     if model_class is StellarModel:
-        heads = [name for name in converted if not name.startswith("stellar.")]
+        heads = [name for name in original if (target := rename_key(name)) and not target.startswith("stellar.")]
+        heads = [name for name in heads if name not in teacher]
         if heads:
             logger.warning(
                 "the checkpoint has clustering heads but no decoder, which StellarForPreTraining needs: converting "
-                "the encoder only and dropping %d head weights",
+                "the encoder only and dropping %d head weights (%s)",
                 len(heads),
+                _name_summary(heads, list(original)),
             )
         # The key table names the encoder as it sits inside the head models.
         converted = {
@@ -702,6 +905,7 @@ def describe(config: StellarConfig, model_class: type) -> str:
             f"{config.predictor_num_layers}-layer predictor"
             + (f" (hidden {config.predictor_hidden_size})" if config.predictor_num_layers > 1 else "")
             + (", CLS head" if config.use_cls_clustering else ", no CLS head")
+            + (", EMA teacher" if config.use_ema_teacher else "")
         )
     return "\n".join(lines)
 

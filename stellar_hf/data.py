@@ -33,7 +33,7 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
-from .image_processing_stellar import evaluation_resize
+from .image_processing_stellar import evaluation_resize, to_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -457,10 +457,12 @@ def to_rgb(image: Any) -> Image.Image:
     """Decode and convert one image to a loaded PIL RGB image.
 
     Accepts a PIL image, a path, a ``{"bytes": ..., "path": ...}`` dict (a `datasets` Image
-    column with ``decode=False``), an (H, W[, C]) uint8 array, or a (C, H, W) tensor (uint8, or
-    float in [0, 1]). Grayscale and palette images are expanded; images with transparency are
-    composited onto white, as transformers' `convert_to_rgb` does. Raises (OSError, ValueError, ...)
-    when the data cannot be decoded; `PretrainingDataset` turns that into a skip.
+    column with ``decode=False``), an (H, W[, C]) array (uint8; a 2-D uint16 or float32 array reads
+    as a 16-bit or [0, 1] image), or a (C, H, W) tensor (uint8, or float in [0, 1]). The decoded
+    image is read as RGB by `to_rgb_image`, the rule the image processors apply too (16-bit and
+    float images rescaled, transparency composited on white; see its docstring for each mode).
+    Raises (OSError, ValueError, ...) when the data cannot be decoded; `PretrainingDataset` turns
+    that into a skip.
     """
     if isinstance(image, dict):
         if image.get("bytes") is not None:
@@ -487,20 +489,8 @@ def to_rgb(image: Any) -> Image.Image:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"cannot make an image from {type(image).__name__}")
-    image.load()
-    if image.mode == "RGB":
-        return image
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode.startswith("I;16"):
-        # 16-bit grayscale: keep the top 8 bits instead of letting convert() saturate at 255.
-        array = np.asarray(image).astype(np.uint16) >> 8
-        return Image.fromarray(array.astype(np.uint8)).convert("RGB")
-    return image.convert("RGB")
+    # The one reading rule shared with the image processors, so training and inference see the same pixels.
+    return to_rgb_image(image)
 
 
 def _to_float_tensor(image: Any) -> torch.Tensor:

@@ -1,7 +1,94 @@
-"""Image processors for STELLAR: the original's evaluation preprocessing, normalisation included."""
+"""Image processors for STELLAR: the original's evaluation preprocessing, normalisation included.
 
+`to_rgb_image` is the one rule by which every STELLAR path (training data, both processors, the examples) reads a PIL
+image of any mode as 8-bit RGB. It lives here, not in `stellar_hf.data`, because this file is copied to the Hub as
+remote code and must load on its own.
+"""
+
+import base64
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+
+# Grey modes with more than 8 bits per pixel; PIL's convert("RGB") clips them at 255 instead of rescaling.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+# Modes with an alpha band (premultiplied "La"/"RGBa" included); they are composited on white.
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+# 8-bit modes whose PIL conversion to RGB is exact or colorimetric, not a clip.
+PIL_CONVERTED_MODES = ("1", "L", "P", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+
+
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """
+    Read a PIL image of any mode as a loaded 8-bit RGB PIL image: the one reading rule of STELLAR's training data,
+    image processors and examples. Per mode:
+
+    - `RGB` without a `"transparency"` entry in `image.info`: returned as it is (loaded).
+    - `I;16`, `I;16L`, `I;16B`, `I;16N` (16-bit grey): each value `v` in 0..65535 becomes `v >> 8` (the high byte:
+      65535 -> 255, 32768 -> 128, 255 -> 0), replicated over the three channels.
+    - `I` (32-bit integer grey, how some Pillow versions open 16-bit PNGs): read on the same 16-bit scale, values
+      first clipped to 0..65535, then `v >> 8`.
+    - `F` (32-bit float grey): read as [0, 1], values clipped to it, then `floor(v * 255 + 0.5)` (0.5 -> 128, the
+      rounding `stellar_hf.data.to_rgb` applies to float tensors). NaN raises `ValueError`.
+    - Transparency, i.e. an alpha band (`RGBA`, `LA`, `PA`, `La`, `RGBa`) or a `"transparency"` entry in
+      `image.info` (a palette alpha in `P`, a colour key in `L` or `RGB`): composited on white, as transformers'
+      `convert_to_rgb` does. In 16-bit and `I` images, pixels equal to the transparency key become white.
+    - `1`, `L`, `P`, `RGBX`, `CMYK`, `YCbCr`, `LAB`, `HSV`: PIL's `convert("RGB")`.
+    - Any other mode raises `ValueError` rather than guess a scale.
+    """
+    image.load()  # decode now, so errors surface here and `image.mode` is final
+    mode = image.mode
+    transparency = image.info.get("transparency")
+    if mode in SIXTEEN_BIT_MODES or mode == "I":
+        values = np.asarray(image)
+        # >> 8 rather than rounding: the high byte, as the training data has always been read.
+        grey = (np.clip(values, 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        if isinstance(transparency, int):
+            grey[values == transparency] = 255  # a fully transparent pixel on white
+        return Image.fromarray(grey).convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if np.isnan(values).any():
+            raise ValueError("a mode F image holds NaN values, which have no 8-bit value")
+        grey = np.floor(np.clip(values, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if mode in ALPHA_MODES or transparency is not None:
+        # PIL converts premultiplied "La" to nothing but "LA" (un-premultiplying); "RGBa" goes to "RGBA" directly.
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode == "RGB":
+        return image
+    if mode in PIL_CONVERTED_MODES:
+        return image.convert("RGB")
+    raise ValueError(f"no rule to read a mode {mode!r} image as RGB")
+
+
+def open_image(source: str) -> Image.Image:
+    """
+    The PIL image at `source` (a file path, an http(s) URL or base64 data, as transformers' `load_image` takes), in
+    the file's own mode, EXIF orientation applied. Unlike `load_image` it does not convert to RGB, so that the caller
+    can apply `to_rgb_image`.
+    """
+    if source.startswith(("http://", "https://")):
+        from huggingface_hub.utils import httpx  # the client transformers' `load_image` uses
+
+        image = Image.open(io.BytesIO(httpx.get(source, follow_redirects=True).content))
+    elif os.path.isfile(source):
+        image = Image.open(source)
+    else:
+        encoded = source.split(",", 1)[1] if source.startswith("data:image/") else source
+        try:
+            image = Image.open(io.BytesIO(base64.decodebytes(encoded.encode())))
+        except Exception as error:  # PIL and base64 raise several types
+            raise ValueError(
+                f"Incorrect image source: not an http(s) URL, an existing file or base64 image data: {source[:100]}"
+            ) from error
+    return ImageOps.exif_transpose(image)
 
 
 def evaluation_resize(crop_size: int) -> int:
@@ -28,6 +115,27 @@ class StellarImageProcessingDefaults:
     do_normalize = True
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
+
+    def fetch_images(self, image_url_or_urls):
+        """
+        Open image paths, URLs and base64 strings with `open_image` (in their own mode); pass everything else on. The
+        backends' own loaders convert to RGB (clipping 16-bit images) or decode to uint16 tensors, before
+        `to_rgb_image` could see the file's mode.
+        """
+        if isinstance(image_url_or_urls, (list, tuple)):
+            return [self.fetch_images(item) for item in image_url_or_urls]
+        if isinstance(image_url_or_urls, str):
+            return open_image(image_url_or_urls)
+        return super().fetch_images(image_url_or_urls)
+
+    def process_image(self, image, do_convert_rgb=None, **kwargs):
+        """
+        The backend's `process_image`, with PIL images read by `to_rgb_image` first when `do_convert_rgb` is on. Both
+        backends share this override: their own conversion clips 16-bit images to white and misreads mode F.
+        """
+        if do_convert_rgb and isinstance(image, Image.Image):
+            image = to_rgb_image(image)
+        return super().process_image(image, do_convert_rgb=do_convert_rgb, **kwargs)
 
     @classmethod
     def from_model_config(cls, config):
@@ -62,4 +170,4 @@ class StellarImageProcessorFast(StellarImageProcessingDefaults, TorchvisionBacke
     """STELLAR preprocessing with torchvision, batched and on any device. See [`StellarImageProcessingDefaults`]."""
 
 
-__all__ = ["StellarImageProcessor", "StellarImageProcessorFast", "evaluation_resize"]
+__all__ = ["StellarImageProcessor", "StellarImageProcessorFast", "evaluation_resize", "open_image", "to_rgb_image"]

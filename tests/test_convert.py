@@ -28,6 +28,7 @@ from stellar_hf.convert import (
     load_original_state_dict,
     main,
     model_outputs,
+    rename_key,
 )
 from stellar_hf.losses_stellar import (
     clustering_cross_entropy,
@@ -213,6 +214,24 @@ def original_name(name: str, single_linear_predictor: bool) -> str:
     return name
 
 
+# The original's EMA teacher: each key is a student key under another prefix (and `teacher_sparse_tokens`).
+_ORIGINAL_TEACHER_PREFIXES = {
+    "encoder.": "teacher_encoder.",
+    "clustering_head.": "teacher_head.",
+    "cls_cluster_head.": "teacher_cls_head.",
+}
+
+
+def original_teacher_name(student_name: str) -> str:
+    """The original name of the teacher's copy of the student key `student_name` (original names)."""
+    if student_name == "sparse_tokens":
+        return "teacher_sparse_tokens"
+    for prefix, teacher_prefix in _ORIGINAL_TEACHER_PREFIXES.items():
+        if student_name.startswith(prefix):
+            return teacher_prefix + student_name.removeprefix(prefix)
+    raise AssertionError(f"the original teacher has no copy of {student_name}")
+
+
 def original_state_dict(model, extras: bool = True) -> dict[str, torch.Tensor]:
     """`model`'s weights under the original's names, plus the keys the original saves but never uses."""
     config = model.config
@@ -220,12 +239,26 @@ def original_state_dict(model, extras: bool = True) -> dict[str, torch.Tensor]:
     if isinstance(model, StellarModel):
         state = {"stellar." + name: tensor for name, tensor in state.items()}
     single = config.predictor_num_layers == 1
-    original = {original_name(name, single): tensor.clone() for name, tensor in state.items()}
+    original = {
+        original_name(name, single): tensor.clone() for name, tensor in state.items() if not name.startswith("teacher.")
+    }
+    if getattr(model, "teacher", None) is not None:
+        # `StellarTeacher` names its modules as the student does. The original teacher has no factorization.
+        original.update(
+            {
+                original_teacher_name(original_name(name, single)): tensor.clone()
+                for name, tensor in model.teacher.state_dict().items()
+                if not name.startswith("stellar.factorization.")
+            }
+        )
     if not extras:
         return original
     d, generator = config.hidden_size, torch.Generator().manual_seed(1)
     original["encoder.pooler.dense.weight"] = torch.randn(d, d, generator=generator)
     original["encoder.pooler.dense.bias"] = torch.randn(d, generator=generator)
+    if getattr(model, "teacher", None) is not None:
+        original["teacher_encoder.pooler.dense.weight"] = torch.randn(d, d, generator=generator)
+        original["teacher_encoder.pooler.dense.bias"] = torch.randn(d, generator=generator)
     if "decoder_proj.weight" in original:
         d_dec = config.decoder_hidden_size
         original["decoder.embeddings.cls_token"] = torch.randn(1, 1, d_dec, generator=generator)
@@ -253,13 +286,18 @@ def add_teacher_and_tokenizer(original: dict[str, torch.Tensor]) -> dict[str, to
     return {**original, **extra}
 
 
-def write_checkpoint(original: dict[str, torch.Tensor], path: Path, prefix: str = "model.") -> Path:
-    """Save in one of the original's file formats, picked by the suffix."""
+def write_checkpoint(
+    original: dict[str, torch.Tensor], path: Path, prefix: str = "model.", hyper_parameters: dict | None = None
+) -> Path:
+    """Save in one of the original's file formats, picked by the suffix (`hyper_parameters` only in a `.ckpt`)."""
     state = {prefix + name: tensor.contiguous() for name, tensor in original.items()}
     if path.suffix == ".safetensors":
         save_file(state, str(path))
     elif path.suffix == ".ckpt":  # Lightning, with the non-tensor entries a real run saves
-        hyper_parameters = {"args": argparse.Namespace(lr=1.5e-4), "root": pathlib.PurePosixPath("/data"), "depth": 2}
+        if hyper_parameters is None:
+            hyper_parameters = {
+                "args": argparse.Namespace(lr=1.5e-4), "root": pathlib.PurePosixPath("/data"), "depth": 2
+            }  # fmt: skip
         torch.save(
             {"state_dict": state, "epoch": 3, "global_step": 10, "hyper_parameters": hyper_parameters,
              "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(2)}}, "param_groups": [{"lr": 1e-4}]}]},
@@ -311,7 +349,7 @@ class UnseenCheckpoint:
     file_name: str  # the suffix picks the format
     prefix: str = "model."
     heads: dict = field(default_factory=lambda: {"num_attention_heads": 4, "decoder_num_attention_heads": 2})
-    teacher_and_tokenizer: bool = False  # EMA teacher copies and the frozen VQGAN, which the converter drops
+    teacher_and_tokenizer: bool = False  # EMA teacher copies (kept) and the frozen VQGAN (dropped)
 
 
 UNSEEN_CHECKPOINTS = {
@@ -372,6 +410,11 @@ def test_unseen_checkpoints(name, tmp_path):
         fields += HEAD_FIELDS + (("predictor_hidden_size",) if source.config.predictor_num_layers > 1 else ())
     for config_field in fields:
         assert getattr(converted.config, config_field) == getattr(source.config, config_field), config_field
+    if case.teacher_and_tokenizer:  # `add_teacher_and_tokenizer` saves the teacher as a copy of the student
+        assert converted.config.use_ema_teacher
+        student = converted.state_dict()
+        for key, tensor in converted.teacher.state_dict().items():
+            assert torch.equal(tensor, student[key]), key
 
     reloaded = model_class.from_pretrained(tmp_path / "hf").eval()
     pixel_values = torch.randn(2, 3, source.config.image_size, source.config.image_size)
@@ -396,6 +439,194 @@ def test_clustering_heads_without_a_decoder_give_the_encoder(tmp_path, caplog):
     expected = model_outputs(source.stellar, pixel_values)
     for name, tensor in model_outputs(converted, pixel_values).items():
         assert torch.equal(tensor, expected[name]), name
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The EMA teacher of a run saved mid-training
+# ----------------------------------------------------------------------------------------------------------------------
+
+TEACHER_CONFIG = {"use_ema_teacher": True}
+TINY_HEADS = {"num_attention_heads": 4, "decoder_num_attention_heads": 2}
+
+
+def assert_teacher_is(model: StellarForPreTraining, source: StellarForPreTraining) -> None:
+    """`model`'s teacher equals `source`'s exactly and differs from `model`'s student, except the factorization,
+    which the original teacher does not have: that one is the student's."""
+    student = model.state_dict()
+    source_teacher, source_student = source.teacher.state_dict(), source.state_dict()
+    teacher = model.teacher.state_dict()
+    assert set(teacher) == set(source_teacher)
+    for name, tensor in teacher.items():
+        if name.startswith("stellar.factorization."):
+            assert torch.equal(tensor, source_student[name]), name
+        else:
+            assert torch.equal(tensor, source_teacher[name]), name
+            assert not torch.equal(tensor, student[name]), f"{name} is the student's"
+    assert not any(parameter.requires_grad for parameter in model.teacher.parameters())
+
+
+@pytest.mark.parametrize("file_name", ["run.ckpt", "run.safetensors"])
+def test_ema_teacher_is_converted(file_name, tmp_path, caplog):
+    """A run saved mid-training with its EMA teacher: the teacher is converted, not re-made from the student."""
+    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))  # teacher and student differ
+    original = original_state_dict(source)
+    teacher_keys = [name for name in original if name.startswith("teacher_")]
+    assert "teacher_sparse_tokens" in original and "teacher_cls_head.layer.weight" in original
+    path = write_checkpoint(original, tmp_path / file_name)
+    with caplog.at_level("INFO", logger="stellar_hf.convert"):
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+    assert type(converted) is StellarForPreTraining and converted.config.use_ema_teacher
+    assert_teacher_is(converted, source)
+    assert_teacher_is(StellarForPreTraining.from_pretrained(tmp_path / "hf"), source)
+    assert StellarConfig.from_pretrained(tmp_path / "hf").use_ema_teacher
+    # The teacher's pooler is dropped like the student's, by name; the rest is converted.
+    assert f"converted the EMA teacher: {len(teacher_keys) - 2} tensors" in caplog.text
+    dropped = {
+        message.split(": ")[1]: set(message.split(": ")[2].split(", "))
+        for message in (record.getMessage() for record in caplog.records)
+        if message.startswith("dropped ")
+    }
+    assert dropped["the encoder's pooler (unused)"] == {"encoder.pooler.dense.weight", "encoder.pooler.dense.bias"}
+    assert dropped["the EMA teacher encoder's pooler (unused)"] == {
+        "teacher_encoder.pooler.dense.weight", "teacher_encoder.pooler.dense.bias"
+    }  # fmt: skip
+    assert "not converting" not in caplog.text
+
+
+def test_ema_teacher_of_the_parity_checkpoint(stellar_parity_dir, tmp_path):
+    """The original's own checkpoint with teacher keys made from its student keys, perturbed."""
+    original = load_original_state_dict(stellar_parity_dir / "original.ckpt")
+    generator = torch.Generator().manual_seed(3)
+    copied = tuple(_ORIGINAL_TEACHER_PREFIXES)
+    students = [name for name in original if name == "sparse_tokens" or name.startswith(copied)]
+    teacher = {
+        original_teacher_name(name): original[name] + 0.01 * torch.randn(original[name].shape, generator=generator)
+        for name in students
+    }
+    assert len(teacher) == 51  # encoder (pooler included), sparse tokens, both clustering heads
+    path = write_checkpoint({**original, **teacher}, tmp_path / "run.ckpt")
+    converted = convert_checkpoint(path, tmp_path / "hf", **PARITY_HEADS)
+    assert converted.config.use_ema_teacher
+    state = converted.state_dict()
+    for student_name in students:
+        if student_name.startswith("encoder.pooler."):
+            continue
+        tensor, ours = teacher[original_teacher_name(student_name)], rename_key(student_name)  # the student's name
+        assert torch.equal(state["teacher." + ours], tensor), student_name
+        assert not torch.equal(state[ours], tensor), student_name
+    # The student is untouched: it still reproduces the original's outputs.
+    inputs = load_file(str(stellar_parity_dir / "inputs.safetensors"))
+    expected = load_file(str(stellar_parity_dir / "expected.safetensors"))
+    sparse = converted.stellar(normalize(inputs["images"], converted.config)).sparse_tokens
+    assert (sparse - expected["sparse"]).abs().max() <= PARITY_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "removed, model_class",
+    [
+        (r"^(decoder|decoder_proj|position_embedding|reconstruction_head)\.", StellarModel),
+        (r"^(clustering_head|cls_cluster_head)\.", StellarForImageReconstruction),
+    ],
+    ids=["no-decoder-encoder-only", "no-heads-reconstruction"],
+)
+def test_ema_teacher_of_a_class_without_teacher_is_counted(removed, model_class, tmp_path, caplog):
+    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
+    original = {name: tensor for name, tensor in original_state_dict(source).items() if not re.match(removed, name)}
+    teacher_keys = [name for name in original if name.startswith("teacher_")]
+    path = write_checkpoint(original, tmp_path / "run.safetensors")
+    with caplog.at_level("INFO", logger="stellar_hf.convert"):
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+    assert type(converted) is model_class
+    assert not any(name.startswith("teacher") for name in converted.state_dict())
+    lines = [record.getMessage() for record in caplog.records if "EMA teacher" in record.getMessage()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"not converting the {len(teacher_keys)} EMA teacher tensors")
+    assert f"{model_class.__name__} has no EMA teacher" in lines[0]
+    assert "teacher_encoder.* (" in lines[0] and "teacher_sparse_tokens" in lines[0]
+    # Reported once: the teacher's pooler is not also listed as dropped.
+    assert "teacher_encoder.pooler" not in caplog.text
+
+
+def test_ema_teacher_keys_are_checked_strictly(tmp_path):
+    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
+    original = original_state_dict(source)
+
+    unknown = {**original, "teacher_projector.weight": torch.ones(2), "teacher_head.extra.weight": torch.ones(2)}
+    path = write_checkpoint(unknown, tmp_path / "unknown.safetensors")
+    with pytest.raises(CheckpointError, match=r"(?=.*'teacher_projector\.weight')(?=.*'teacher_head\.extra\.weight')"):
+        convert_checkpoint(path, tmp_path / "hf1", **TINY_HEADS)
+
+    incomplete = {name: tensor for name, tensor in original.items() if not name.startswith("teacher_cls_head.")}
+    path = write_checkpoint(incomplete, tmp_path / "incomplete.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys: \['teacher\.cls_clustering_head\.predictor\.0\.bias'"):
+        convert_checkpoint(path, tmp_path / "hf2", **TINY_HEADS)
+
+    mismatched = {**original, "teacher_head.layer.weight": torch.randn(11, 6)}
+    path = write_checkpoint(mismatched, tmp_path / "mismatch.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"teacher\.sparse_clustering_head\.prototypes\.weight: checkpoint \(11, 6\)"
+    ):
+        convert_checkpoint(path, tmp_path / "hf3", **TINY_HEADS)
+
+    not_finite = {**original, "teacher_sparse_tokens": torch.full_like(original["teacher_sparse_tokens"], float("inf"))}
+    path = write_checkpoint(not_finite, tmp_path / "inf.safetensors")
+    with pytest.raises(CheckpointError, match=r"NaN or infinite values in \['teacher_sparse_tokens'\]"):
+        load_original_state_dict(path)
+
+
+class ConfigNode:
+    """Pickles like an OmegaConf node: a leaf keeps its value in `_val`, a container its children in `_content`, and
+    each points back to its parent. Its class is not allow-listed, so the converter sees a placeholder."""
+
+    def __init__(self, parent=None, **fields):
+        self._parent = parent
+        self.__dict__.update(fields)
+
+
+def omegaconf_like(tree: dict, parent: ConfigNode | None = None) -> ConfigNode:
+    container = ConfigNode(parent, _metadata=ConfigNode(key_type=None), _content={})
+    for name, value in tree.items():
+        node = omegaconf_like(value, container) if isinstance(value, dict) else ConfigNode(container, _val=value)
+        container._content[name] = node
+    return container
+
+
+@pytest.mark.parametrize(
+    "hyper_parameters, flag",
+    [
+        ({"cfg": omegaconf_like({"trainer": {"max_epochs": 150}, "model": {"momentum_teacher": True}})},
+         "hyper_parameters.cfg.model.momentum_teacher"),
+        ({"cfg": omegaconf_like({"model": {"momentum_teacher": False}})}, None),
+        ({"args": argparse.Namespace(lr=1.5e-4, momentum_teacher=True, teacher_momentum=0.996)},
+         "hyper_parameters.args.momentum_teacher"),
+        ({"cfg": {"model": {"momentum_teacher": True, "num_sparse_tokens": 3}}},
+         "hyper_parameters.cfg.model.momentum_teacher"),
+        ({"model": {"momentum_teacher": False}}, None),
+        ({"momentum_teacher": 0.996}, None),  # DINO's name for the momentum itself, not a switch
+    ],
+    ids=["omegaconf-like", "omegaconf-like-off", "namespace", "nested-dict", "teacher-off", "a-momentum-value"],
+)  # fmt: skip
+def test_hyper_parameters_with_a_teacher_but_no_teacher_weights(hyper_parameters, flag, tmp_path, caplog):
+    source = random_model(StellarForPreTraining, tiny_config())
+    path = write_checkpoint(original_state_dict(source), tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
+    with caplog.at_level("INFO", logger="stellar_hf.convert"):
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+    assert not converted.config.use_ema_teacher
+    warnings = [record.getMessage() for record in caplog.records if "holds no teacher weights" in record.getMessage()]
+    if flag is None:
+        assert not warnings
+    else:
+        assert len(warnings) == 1 and f"{flag}=True" in warnings[0], warnings
+
+
+def test_hyper_parameters_agree_with_teacher_weights(tmp_path, caplog):
+    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
+    hyper_parameters = {"args": argparse.Namespace(momentum_teacher=True)}
+    path = write_checkpoint(original_state_dict(source), tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
+    with caplog.at_level("INFO", logger="stellar_hf.convert"):
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+    assert_teacher_is(converted, source)
+    assert "holds no teacher weights" not in caplog.text
 
 
 def test_default_head_counts():
