@@ -409,6 +409,44 @@ def check_process_count(accelerator: Accelerator, environ=os.environ, asked: int
         )
 
 
+class SkippedImages:
+    """
+    The unreadable images a run met, over all its processes and, through its checkpoints, across resumes.
+
+    `record(batch)` takes a batch's `skipped_images` (one list of names per batch slot that was filled with the next
+    readable image instead); `summary(accelerator)` (every process must call it) gives the run-wide figures.
+    """
+
+    SHOWN = 10
+
+    def __init__(self, earlier: dict | None = None):
+        earlier = earlier or {}
+        self.earlier_names = list(earlier.get("first", []))
+        self.earlier_count = int(earlier.get("count", 0))
+        self.earlier_slots = int(earlier.get("substituted_slots", 0))
+        self.names: dict[str, None] = {}  # insertion-ordered set
+        self.slots = 0
+
+    def record(self, batch: dict) -> None:
+        for names in batch.get("skipped_images") or ():
+            self.slots += 1
+            self.names.update(dict.fromkeys(names))
+
+    def summary(self, accelerator: Accelerator) -> dict:
+        from accelerate.utils import gather_object
+
+        everyone = gather_object([(list(self.names), self.slots)]) if accelerator.num_processes > 1 else [
+            (list(self.names), self.slots)
+        ]
+        new_names = dict.fromkeys(name for names, _ in everyone for name in names if name not in self.earlier_names)
+        # Names met before a resume are known only up to the first few; the count carries the rest.
+        return {
+            "count": self.earlier_count + len(new_names),
+            "substituted_slots": self.earlier_slots + sum(slots for _, slots in everyone),
+            "first": (self.earlier_names + list(new_names))[: self.SHOWN],
+        }
+
+
 def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     """Normalise the data pipeline's [0, 1] views with the config's statistics."""
     inputs = {"pixel_values": normalize(batch["pixel_values"], config.image_mean, config.image_std)}
@@ -616,6 +654,7 @@ def train(args: argparse.Namespace) -> int:
 
     completed_steps, start_epoch, skip_batches = 0, 0, 0
     resume = resolve_resume_path(args, output_dir)
+    skipped_images = SkippedImages(resume.extra.get("skipped_images") if resume else None)
     if resume is not None:
         accelerator.load_state(str(resume.path))
         completed_steps = resume.step
@@ -652,6 +691,7 @@ def train(args: argparse.Namespace) -> int:
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
         for batch in epoch_loader:
+            skipped_images.record(batch)
             # Each micro-batch of an accumulated step gets its own masks.
             micro_step = completed_steps * args.gradient_accumulation_steps + micro_batches_in_step
             micro_batches_in_step += 1
@@ -689,8 +729,9 @@ def train(args: argparse.Namespace) -> int:
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 try:
                     save_checkpoint(
-                        accelerator, output_dir, completed_steps, args.checkpoints_total_limit, model, [optimizer]
-                    )
+                        accelerator, output_dir, completed_steps, args.checkpoints_total_limit, model, [optimizer],
+                        extra={"skipped_images": skipped_images.summary(accelerator)},
+                    )  # fmt: skip
                 except NonFiniteStateError as error:
                     failure = str(error)
                     break
@@ -729,6 +770,12 @@ def train(args: argparse.Namespace) -> int:
         logger.info(stop_reason)
 
     accelerator.wait_for_everyone()
+    skipped = skipped_images.summary(accelerator)
+    if skipped["count"]:
+        logger.warning(
+            "%d unreadable image(s) were skipped; %d batch slot(s) took the next readable image instead (first: %s)",
+            skipped["count"], skipped["substituted_slots"], ", ".join(skipped["first"]),
+        )  # fmt: skip
     unwrapped = accelerator.unwrap_model(model)
     results = None if args.skip_final_evaluation else run_probes(model, args, config, accelerator)
     if accelerator.is_main_process:
@@ -749,6 +796,7 @@ def train(args: argparse.Namespace) -> int:
             "minutes": round((time.monotonic() - started) / 60, 2),
             "device": str(accelerator.device),
             "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
+            "skipped_images": skipped,
             "probes": results,
         }
         card_results = []

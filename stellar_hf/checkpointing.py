@@ -30,7 +30,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -56,12 +56,13 @@ class NonFiniteStateError(CheckpointError):
     """The training state holds NaN or infinite values, so it is not saved."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """A complete checkpoint folder and the optimiser step it was saved at."""
+    """A complete checkpoint folder, the optimiser step it was saved at and what the run recorded with it."""
 
     path: Path
     step: int
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def checkpoint_path(output_dir: str | os.PathLike, step: int) -> Path:
@@ -173,7 +174,7 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
             raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {size} were written: it was truncated")
     if record.get("files") is None:
         logger.info("%s was written before checkpoints listed their files; its files are not size-checked", path)
-    return Checkpoint(path, step)
+    return Checkpoint(path, step, dict(record.get("extra") or {}))
 
 
 def find_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Checkpoint], list[tuple[Path, str]]]:
@@ -288,7 +289,13 @@ def check_state_finite(accelerator, model: torch.nn.Module, optimizers=(), when:
 
 
 def save_checkpoint(
-    accelerator, output_dir: str | os.PathLike, step: int, limit: int | None = None, model=None, optimizers=()
+    accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    limit: int | None = None,
+    model=None,
+    optimizers=(),
+    extra: dict | None = None,
 ) -> Checkpoint:
     """
     Save the full training state as `output_dir/checkpoint-{step}`, crash-safely; call it on every process.
@@ -300,6 +307,7 @@ def save_checkpoint(
         limit: keep at most this many complete checkpoints; older ones are removed after the new one is complete.
         model, optimizers: checked for NaN / infinity first (all processes agree); a non-finite state raises
             `NonFiniteStateError` and nothing is written.
+        extra: JSON-serialisable facts about the run kept in the marker (`Checkpoint.extra` on reading).
     Returns:
         The new complete `Checkpoint`.
     Raises:
@@ -328,7 +336,7 @@ def save_checkpoint(
 
     attempt(lambda: accelerator.is_main_process and shutil.rmtree(staging, ignore_errors=True))
     attempt(lambda: accelerator.save_state(str(staging)))
-    attempt(lambda: accelerator.is_main_process and _complete(staging, final, step))
+    attempt(lambda: accelerator.is_main_process and _complete(staging, final, step, extra or {}))
     if errors:
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
@@ -344,15 +352,16 @@ def save_checkpoint(
             # The new checkpoint is complete; an old one left behind costs space, not work.
             logger.warning("could not remove checkpoints beyond --checkpoints_total_limit %d: %s", limit, error)
     accelerator.wait_for_everyone()
-    return Checkpoint(final, step)
+    return Checkpoint(final, step, dict(extra or {}))
 
 
-def _complete(staging: Path, final: Path, step: int) -> None:
+def _complete(staging: Path, final: Path, step: int, extra: dict) -> None:
     files = _files_with_sizes(staging)
     for name in files:
         _fsync_file(staging / name)
     write_json_atomically(
-        staging / MARKER_NAME, {"completed_steps": step, "format": MARKER_FORMAT, "complete": True, "files": files}
+        staging / MARKER_NAME,
+        {"completed_steps": step, "format": MARKER_FORMAT, "complete": True, "files": files, "extra": extra},
     )
     replaced = None
     if final.exists():

@@ -986,13 +986,15 @@ class PretrainingDataset(Dataset):
         seed: base seed of the views.
 
     Items: the transform's dict (``pixel_values``, ``global_views``, ``local_views``) plus
-    ``labels`` (int) when the row has a label.
+    ``labels`` (int) when the row has a label, and ``skipped_images`` (list of names) when the
+    item stands in for unreadable images.
 
     An image that cannot be read or decoded is skipped: a warning names it once, it is recorded in
     `skipped_indices` (`num_skipped` counts them) and the item comes from the next readable index
     (wrapping around), transformed with the *requested* index's seed, so the result is still
-    deterministic. With DataLoader workers each worker keeps its own record; the warnings are the
-    reliable report there. Raises ValueError for an empty source, or when no image can be read.
+    deterministic. The item then names, in ``skipped_images``, every unreadable image it was
+    substituted for, so the training loop can count them whatever the worker count (`collate_views`
+    keeps the names). Raises ValueError for an empty source, or when no image can be read.
 
     `set_epoch` changes the views; DataLoader workers see it when they start, so call it before
     each epoch's `iter(loader)` and do not use ``persistent_workers=True`` (whose workers keep
@@ -1016,6 +1018,7 @@ class PretrainingDataset(Dataset):
         self.seed = int(seed)
         self.epoch = 0
         self.skipped_indices: set[int] = set()
+        self._skipped_names: dict[int, str] = {}
         self._takes_generator = _transform_takes_generator(transform)
 
     def __len__(self) -> int:
@@ -1045,7 +1048,8 @@ class PretrainingDataset(Dataset):
             raise  # a wrong column name is a configuration error, not a bad file
         except Exception as error:
             self.skipped_indices.add(index)
-            logger.warning("skipping unreadable image %s: %s", self._file_name(index, raw), error)
+            self._skipped_names[index] = self._file_name(index, raw)
+            logger.warning("skipping unreadable image %s: %s", self._skipped_names[index], error)
             return None, None
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -1054,16 +1058,18 @@ class PretrainingDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
+        passed_over = []
         for offset in range(n):
             position = (index + offset) % n
-            if position in self.skipped_indices:
-                continue
-            image, label = self._read(position)
+            image, label = (None, None) if position in self.skipped_indices else self._read(position)
             if image is None:
+                passed_over.append(self._skipped_names.get(position) or self._file_name(position))
                 continue
             item = _views_from(self.transform, self._takes_generator, image, _item_seed(self.seed, self.epoch, index))
             if label is not None:
                 item["labels"] = int(label)
+            if passed_over:
+                item["skipped_images"] = passed_over
             return item
         raise ValueError(f"none of the {n} images of {self.source!r} could be read (see the warnings above)")
 
@@ -1107,7 +1113,7 @@ class StreamingPretrainingDataset(IterableDataset):
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         shards_itself = type(self.source).__module__.startswith("datasets")
-        yielded = 0
+        yielded, passed_over = 0, []
         for position, row in enumerate(self.source):
             if not shards_itself and position % num_workers != worker_id:
                 continue
@@ -1119,12 +1125,15 @@ class StreamingPretrainingDataset(IterableDataset):
                 raise
             except Exception as error:
                 self.num_skipped += 1
-                logger.warning("skipping unreadable image %s: %s", _describe(raw) or f"row {position}", error)
+                passed_over.append(_describe(raw) or f"row {position}")
+                logger.warning("skipping unreadable image %s: %s", passed_over[-1], error)
                 continue
             seed = _item_seed(self.seed, self.epoch, worker_id, position)
             item = _views_from(self.transform, self._takes_generator, image, seed)
             if label is not None:
                 item["labels"] = int(label)
+            if passed_over:
+                item["skipped_images"], passed_over = passed_over, []
             yielded += 1
             yield item
         if yielded == 0 and self.num_skipped > 0:
@@ -1141,7 +1150,9 @@ def collate_views(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch: items of `PretrainingDataset` (or any dicts with ``pixel_values``).
     Returns:
         ``pixel_values`` (B, 3, S, S); ``global_views`` (B, M, 3, S, S) and ``local_views``
-        (B, K, 3, s, s) when the items have them; ``labels`` (B,) int64 when every item has one.
+        (B, K, 3, s, s) when the items have them; ``labels`` (B,) int64 when every item has one;
+        ``skipped_images`` when some items stand in for unreadable images: one list of names per
+        such item.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
@@ -1150,4 +1161,7 @@ def collate_views(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     output = {key: torch.stack([item[key] for item in batch]) for key in _STACKED_KEYS if key in batch[0]}
     if all(item.get("labels") is not None for item in batch):
         output["labels"] = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)
+    substitutions = [list(item["skipped_images"]) for item in batch if item.get("skipped_images")]
+    if substitutions:
+        output["skipped_images"] = substitutions
     return output

@@ -1,5 +1,6 @@
 """PyTorch STELLAR: sparse semantic tokens ("what") times a spatial assignment map ("where")."""
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from .losses_stellar import (
     num_kept_patches,
     sinkhorn_knopp,
 )
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -96,12 +99,45 @@ class StellarReconstructionOutput(ModelOutput):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Largest magnitude accepted in `pixel_values`. Normalised images stay far inside it: the ImageNet statistics map [0, 1]
+# images to [-2.12, 2.64], and even a [0, 255] image normalised with them (a common mistake, still an image) stays
+# below 1.2e3. Far beyond it lie only broken inputs, which the encoder cannot turn into finite outputs: its first
+# LayerNorm squares the patch embeddings, so float32 and bfloat16 overflow to NaN from about 1e19-1e20, and float16
+# holds nothing above 65504 at all. The bound is a property of images, not of the weights, so it is the same for
+# every dtype and model size.
+PIXEL_VALUE_LIMIT = 1e4
+
+
+def check_finite(tensor: torch.Tensor, name: str, limit: float | None = None, why: str = "") -> None:
+    """
+    Raise `ValueError` when `tensor` (non-empty, floating point) holds NaN, an infinity or, with `limit`, a value of
+    magnitude above `limit`; the message says what was found and, for the bound, `why` it is refused.
+
+    One `aminmax` reduction and one host sync on the passing path: NaN propagates through min and max, and fails
+    every comparison, so the single bound test below also catches NaN and infinities.
+    """
+    lowest, highest = torch.aminmax(tensor.detach())
+    bound = torch.finfo(tensor.dtype).max if limit is None else limit
+    if bool((lowest >= -bound) & (highest <= bound)):
+        return
+    lowest, highest = lowest.item(), highest.item()
+    if not (math.isfinite(lowest) and math.isfinite(highest)):
+        raise ValueError(f"{name} contains NaN or infinite values (min {lowest}, max {highest})")
+    raise ValueError(
+        f"{name} holds values of magnitude up to {max(-lowest, highest):.3g} (min {lowest:.3g}, max {highest:.3g}), "
+        f"beyond the limit of {limit:g}{why}"
+    )
+
+
 def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size: int) -> None:
     """
     Raise `ValueError` with the reason when `pixel_values` cannot be encoded.
 
     Args:
-        pixel_values: expected `(B, num_channels, H, W)` with H and W positive multiples of `patch_size`, finite.
+        pixel_values: expected `(B, num_channels, H, W)` with B >= 1, H and W positive multiples of `patch_size`,
+            floating point, finite and within `PIXEL_VALUE_LIMIT` in magnitude (normalised images; see the constant
+            for why larger values are refused). The value checks cost one reduction and are skipped under
+            `torch.compile` (a data-dependent branch would break the graph).
     """
     if not isinstance(pixel_values, torch.Tensor):
         raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
@@ -114,7 +150,13 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
         raise ValueError(
             f"pixel_values must be a 4-D tensor (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
         )
-    _, channels, height, width = pixel_values.shape
+    batch_size, channels, height, width = pixel_values.shape
+    if batch_size == 0:
+        # Refused rather than answered with empty outputs: the pretraining losses (means, Sinkhorn) have no value
+        # for an empty batch, and one rule for every model class is simpler to rely on.
+        raise ValueError(
+            f"pixel_values has an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image"
+        )
     if channels != num_channels:
         raise ValueError(f"pixel_values has {channels} channels but the model expects {num_channels}")
     if height < patch_size or width < patch_size:
@@ -122,10 +164,54 @@ def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size
     if height % patch_size or width % patch_size:
         raise ValueError(f"image sides ({height}x{width}) must be multiples of the patch size {patch_size}")
     if not torch.compiler.is_compiling():
-        # One reduction pass (min and max propagate NaN) instead of isfinite's several.
-        lowest, highest = torch.aminmax(pixel_values)
-        if not bool(torch.isfinite(lowest) & torch.isfinite(highest)):
-            raise ValueError("pixel_values contains NaN or infinite values")
+        check_finite(
+            pixel_values,
+            "pixel_values",
+            PIXEL_VALUE_LIMIT,
+            why=(
+                ": normalised images lie within a few units of 0 (ImageNet statistics map [0, 1] images to "
+                "[-2.12, 2.64]), and values this large overflow the encoder (its LayerNorm squares the patch "
+                "embeddings) to NaN; normalise the images with StellarImageProcessor"
+            ),
+        )
+
+
+def check_factors(sparse_tokens: torch.Tensor, spatial_map: torch.Tensor, hidden_size: int) -> None:
+    """
+    Raise `ValueError` naming the argument when two factors cannot be decoded together.
+
+    Args:
+        sparse_tokens: expected `(B, r, hidden_size)`, floating point, finite.
+        spatial_map: expected `(B, N, r)` (one row per patch, one column per token), floating point, finite; B >= 1,
+            N >= 1, r >= 1. r need not be `config.num_sparse_tokens`: the decoder reads only the product.
+    """
+    for name, factor in (("sparse_tokens", sparse_tokens), ("spatial_map", spatial_map)):
+        if not isinstance(factor, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(factor).__name__}")
+        if not factor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {factor.dtype}")
+    if sparse_tokens.ndim != 3 or sparse_tokens.shape[-1] != hidden_size:
+        raise ValueError(
+            f"sparse_tokens must have shape (batch, num_tokens, {hidden_size}), got {tuple(sparse_tokens.shape)}"
+        )
+    if spatial_map.ndim != 3:
+        raise ValueError(
+            f"spatial_map must have shape (batch, num_patches, num_tokens), got {tuple(spatial_map.shape)}"
+        )
+    batch_size, num_tokens = sparse_tokens.shape[:2]
+    if spatial_map.shape[0] != batch_size or spatial_map.shape[2] != num_tokens:
+        raise ValueError(
+            f"spatial_map of shape {tuple(spatial_map.shape)} does not match sparse_tokens of shape "
+            f"{tuple(sparse_tokens.shape)}: expected (batch={batch_size}, num_patches, num_tokens={num_tokens})"
+        )
+    if batch_size == 0 or num_tokens == 0 or spatial_map.shape[1] == 0:
+        raise ValueError(
+            f"sparse_tokens {tuple(sparse_tokens.shape)} and spatial_map {tuple(spatial_map.shape)} are empty; "
+            "decoding needs at least one image, one token and one patch"
+        )
+    if not torch.compiler.is_compiling():
+        check_finite(sparse_tokens, "sparse_tokens")
+        check_finite(spatial_map, "spatial_map")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -852,20 +938,41 @@ class StellarForImageReconstruction(StellarReconstructionHeadMixin, StellarPreTr
         Decode an image from its two factors, e.g. after editing "what" (tokens) or "where" (map).
 
         Args:
-            sparse_tokens: `(B, r, d)`.
-            spatial_map: `(B, N, r)`; rows need not be renormalised after editing.
+            sparse_tokens: `(B, r, d)`, d = `config.hidden_size`; r may differ from `config.num_sparse_tokens` (tokens
+                added or removed), as long as the map has one column per token.
+            spatial_map: `(B, N, r)`, patch n's weights over the tokens in row n; rows need not be renormalised after
+                editing.
             grid_size: `(h, w)` with `h * w = N`; defaults to a square grid.
+
+        Both factors are cast to the decoder's dtype, as `forward` casts `pixel_values` (float64 factors work).
 
         Returns:
             images `(B, C, H, W)` on the [0, 1] scale (VQ target: needs a tokenizer).
+
+        Raises:
+            `ValueError` naming the argument: not a floating-point tensor, wrong rank, mismatched batch or token
+            count, d other than `config.hidden_size`, an empty dimension, NaN or infinite entries, or a `grid_size`
+            that does not hold N patches.
         """
+        check_factors(sparse_tokens, spatial_map, self.config.hidden_size)
         num_patches = spatial_map.shape[1]
         if grid_size is None:
             side = math.isqrt(num_patches)
             if side * side != num_patches:
                 raise ValueError(f"{num_patches} patches are not a square grid; pass grid_size=(height, width)")
             grid_size = (side, side)
-        lowrank_features = torch.bmm(spatial_map, sparse_tokens)
+        if (
+            not isinstance(grid_size, (tuple, list))
+            or len(grid_size) != 2
+            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in grid_size)
+            or grid_size[0] * grid_size[1] != num_patches
+        ):
+            raise ValueError(
+                f"grid_size must be (height, width), positive integers with height * width = {num_patches} (the "
+                f"rows of spatial_map), got {grid_size}"
+            )
+        dtype = self.decoder.decoder_proj.weight.dtype
+        lowrank_features = torch.bmm(spatial_map.to(dtype), sparse_tokens.to(dtype))
         reconstruction, _ = self.reconstruct_from_lowrank(lowrank_features, grid_size, vq_tokenizer)
         if reconstruction is None:
             raise ValueError(
@@ -1044,6 +1151,11 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
     Views are made by the data pipeline (see `stellar_hf.data.MultiViewTransform`); masking noise comes from the
     `mask_noise` argument or an explicit `generator`, so a step is reproducible. Sinkhorn statistics are all-reduced
     across processes when `torch.distributed` is initialised, so every rank must call `forward`.
+
+    With `config.use_ema_teacher`, the teacher starts as a copy of the student, also when loaded from a checkpoint
+    without teacher weights (see [`from_pretrained`]), and [`update_teacher`] moves it; `examples/pretrain.py` calls
+    that once per optimiser step, where the original updates it on every training forward (once per micro-batch
+    under gradient accumulation).
     """
 
     def __init__(self, config: StellarConfig):
@@ -1059,12 +1171,60 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        # Loading re-creates every parameter as trainable; the EMA teacher must stay out of the optimiser.
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        """
+        `PreTrainedModel.from_pretrained`, then two fixes for the EMA teacher (when `config.use_ema_teacher`):
+
+        - A teacher not loaded from the checkpoint starts as a copy of the student, as in a fresh model, instead of
+          its random initialisation, and a warning says so. This covers a student-only folder (a converted or
+          pretrained checkpoint, or one saved without the teacher) and teacher tensors of another shape
+          (`ignore_mismatched_sizes=True`). When only some teacher tensors are missing, the whole teacher is copied
+          too and the warning names what was discarded: a teacher mixing loaded and freshly initialised tensors is
+          an EMA of nothing, and the student is the only complete, consistent set.
+        - The teacher stays frozen (loading re-creates every parameter as trainable).
+
+        Returns the model, or `(model, loading_info)` with `output_loading_info=True`, as transformers does.
+        """
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        # The loading info is the only record of which tensors came from the checkpoint, so always ask for it.
+        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if model.teacher is not None:
             model.teacher.requires_grad_(False)
-        return loaded
+            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            model.start_teacher_from_student_unless_loaded(loading_info, source)
+        return (model, loading_info) if output_loading_info else model
+
+    def start_teacher_from_student_unless_loaded(self, loading_info: dict, source=None) -> bool:
+        """
+        Copy the student into the EMA teacher ([`reset_teacher`]) when any teacher tensor was not loaded, i.e. is
+        among `loading_info["missing_keys"]` or `loading_info["mismatched_keys"]` (as `from_pretrained` reports
+        them), and log a warning naming `source` and the reason. Returns whether the teacher was reset.
+        """
+        teacher_keys = [key for key in self.state_dict() if key.startswith("teacher.")]
+        not_loaded = set(loading_info.get("missing_keys", ())) | {
+            mismatch[0] for mismatch in loading_info.get("mismatched_keys", ())
+        }
+        missing = [key for key in teacher_keys if key in not_loaded]
+        if not missing:
+            return False
+        self.reset_teacher()
+        if len(missing) == len(teacher_keys):
+            logger.warning(
+                "The checkpoint %s holds no EMA teacher weights (config.use_ema_teacher=True): the teacher starts as "
+                "a copy of the student, not from its random initialisation.",
+                source,
+            )
+        else:
+            logger.warning(
+                "The checkpoint %s holds only %d of the %d EMA teacher tensors (missing: %s): the whole teacher "
+                "starts as a copy of the student, discarding the %d loaded teacher tensors, because a teacher mixing "
+                "loaded and freshly initialised tensors is not an EMA of the student.",
+                source,
+                len(teacher_keys) - len(missing),
+                len(teacher_keys),
+                ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+                len(teacher_keys) - len(missing),
+            )
+        return True
 
     @torch.no_grad()
     def reset_teacher(self) -> None:
@@ -1086,7 +1246,14 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """EMA update `teacher = momentum * teacher + (1 - momentum) * student`; call after each optimiser step."""
+        """
+        EMA update `teacher = momentum * teacher + (1 - momentum) * student`, over every teacher parameter; call after
+        each optimiser step.
+
+        `examples/pretrain.py` calls it once per optimiser step, i.e. once per accumulated batch; the original updates
+        the teacher on every training forward, i.e. once per micro-batch under gradient accumulation, so runs with
+        accumulation move the teacher fewer times per epoch than the original does.
+        """
         if self.teacher is None:
             raise ValueError("update_teacher needs config.use_ema_teacher=True")
         for teacher_module, student_module in self._teacher_pairs():

@@ -146,7 +146,31 @@ def test_image_folder_with_unreadable_files(tmp_path):
     result = run_pretrain(output_dir, "--train_dir", str(images), "--max_train_steps", "2")
     assert "skipping unreadable image" in result.stderr and "broken.jpg" in result.stderr
     assert (output_dir / "model.safetensors").is_file()
-    assert json.loads((output_dir / "results.json").read_text())["probes"] is None
+    results = json.loads((output_dir / "results.json").read_text())
+    assert results["probes"] is None
+    # 9 files, batch 4, 2 steps: the broken file is drawn in 8 of 9 slots at most, always counted.
+    skipped = results["skipped_images"]
+    assert skipped["count"] == 1 and skipped["first"] == [str(images / "broken.jpg")], skipped
+    assert skipped["substituted_slots"] >= 1
+    assert "1 unreadable image(s) were skipped" in result.stderr
+
+
+def test_skipped_images_are_counted_with_workers_and_across_a_resume(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(8):
+        Image.new("RGB", (36, 36), (index * 30, 90, 200 - index * 20)).save(images / f"good_{index}.png")
+    for index in range(4):
+        (images / f"broken_{index}.jpg").write_bytes(b"truncated")
+    # 12 files, batch 4: 3 steps per epoch, so 6 steps see every file twice; two DataLoader workers.
+    common = ("--train_dir", str(images), "--max_train_steps", "6", "--skip_final_evaluation",
+              "--dataloader_num_workers", "2")  # fmt: skip
+    run_pretrain(tmp_path / "whole", *common, "--checkpointing_steps", "3")
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())["skipped_images"]
+    assert whole["count"] == 4 and whole["substituted_slots"] == 8
+    assert sorted(whole["first"]) == sorted(str(images / f"broken_{index}.jpg") for index in range(4))
+    run_pretrain(tmp_path / "resumed", *common, "--resume_from_checkpoint", str(tmp_path / "whole" / "checkpoint-3"))
+    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["skipped_images"] == whole
 
 
 def test_empty_folder_and_bad_arguments_are_clear_errors(tmp_path):
