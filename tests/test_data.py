@@ -286,8 +286,15 @@ def test_pretraining_dataset_skips_unreadable_images(tmp_path, caplog):
     assert sum("d_corrupt.jpg" in r.getMessage() for r in caplog.records) == 1  # warned once
     # Index 3 falls through to index 4's image, with index 3's own views seed: deterministic.
     again = PretrainingDataset(load_image_folder(tmp_path), transform)
-    for key in items[3]:
-        assert torch.equal(items[3][key], again[3][key])
+    substitute = again[3]
+    for key in ("pixel_values", "global_views", "local_views"):
+        assert torch.equal(items[3][key], substitute[key])
+    # The item says which unreadable image it stands in for; the others say nothing.
+    corrupt = str(tmp_path / "nested" / "d_corrupt.jpg")
+    assert items[3]["skipped_images"] == substitute["skipped_images"] == [corrupt]
+    assert all("skipped_images" not in item for index, item in enumerate(items) if index != 3)
+    # Met again, a known unreadable image is not read (or warned about) again, but still named.
+    assert dataset[3]["skipped_images"] == [corrupt]
     assert not torch.equal(items[3]["pixel_values"], items[4]["pixel_values"])
     # A new epoch gives new views of the same image.
     dataset.set_epoch(1)
@@ -298,6 +305,7 @@ def test_pretraining_dataset_skips_unreadable_images(tmp_path, caplog):
     assert batch["global_views"].shape == (5, 2, 3, 32, 32)
     assert batch["local_views"].shape == (5, 2, 3, 16, 16)
     assert "labels" not in batch
+    assert batch["skipped_images"] == [[corrupt]]
 
 
 def test_every_image_unreadable_is_a_clear_error(tmp_path, caplog):
