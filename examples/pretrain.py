@@ -15,8 +15,8 @@ import json
 import logging
 import math
 import os
-import sys
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -53,8 +53,8 @@ from stellar_hf.data import (
     normalize,
 )
 from stellar_hf.evaluation import extract_features, knn_accuracy, linear_probe
-from stellar_hf.model_card import render_model_card
-from stellar_hf.modeling_stellar import StellarForPreTraining, unnormalize
+from stellar_hf.model_card import ProbeResults, TrainingRun, hub_id_or_none, render_model_card
+from stellar_hf.modeling_stellar import StellarForPreTraining
 
 logger = logging.getLogger("stellar_pretrain")
 
@@ -447,6 +447,35 @@ class SkippedImages:
         }
 
 
+def format_results(summary: dict, output_dir: Path, written: list[Path]) -> str:
+    """The end-of-run report for a person: the probe table (task, chance, untrained, trained) and what was saved."""
+    lines = [f"pretrained for {summary['completed_steps']} steps in {summary['minutes']:.1f} min on {summary['data']}"]
+    skipped = summary.get("skipped_images") or {}
+    if skipped.get("count"):
+        lines.append(f"skipped {skipped['count']} unreadable image(s): {', '.join(skipped['first'])}")
+    probes = summary.get("probes")
+    if probes:
+        sizes = probes.get("num_probe_images", {})
+        lines += [
+            "",
+            f"held-out probes of the pooled sparse tokens (top-1; {sizes.get('train')} train / {sizes.get('eval')} eval "
+            "images):",
+            f"{'task':<18}{'chance':>8}{'untrained kNN':>15}{'untrained linear':>18}{'trained kNN':>13}"
+            f"{'trained linear':>16}",
+        ]
+        for task, scores in probes.items():
+            if task == "num_probe_images":
+                continue
+            lines.append(
+                f"{task:<18}{scores['chance']:>8.3f}{scores['random_init_knn_top1']:>15.3f}"
+                f"{scores['random_init_linear_probe_top1']:>18.3f}{scores['knn_top1']:>13.3f}"
+                f"{scores['linear_probe_top1']:>16.3f}"
+            )
+    lines += ["", f"saved to {output_dir}/:"]
+    lines += [f"  {path.relative_to(output_dir)}" for path in written]
+    return "\n".join(lines)
+
+
 def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     """Normalise the data pipeline's [0, 1] views with the config's statistics."""
     inputs = {"pixel_values": normalize(batch["pixel_values"], config.image_mean, config.image_std)}
@@ -456,18 +485,48 @@ def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
     return inputs
 
 
+FIGURE_IMAGES = 8
+
+
+def figure_images(args, config: StellarConfig, dataset) -> torch.Tensor | None:
+    """
+    The images every progress figure shows, `(n, 3, S, S)` in [0, 1]: the same at every logged step and after a
+    resume, so that a reader can watch the spatial maps form. The first readable images of the synthetic scenes'
+    validation split, or of the training images, centre-cropped as for evaluation; `None` for a stream (its figures
+    show the first batch's images instead).
+    """
+    if args.streaming:
+        return None
+    if not (args.train_dir or args.dataset_name):
+        scenes = SyntheticScenes(num_images=FIGURE_IMAGES, image_size=config.image_size, split="validation")
+        transform = EvalTransform(config.image_size, resize_size=config.image_size)
+        return torch.stack([transform(scenes[index]["image"]) for index in range(FIGURE_IMAGES)])
+    transform = EvalTransform(config.image_size)
+    images = []
+    for index in range(len(dataset)):
+        image, _ = dataset.read_image(index)
+        if image is not None:
+            images.append(transform(image))
+        if len(images) == FIGURE_IMAGES:
+            break
+    return torch.stack(images)
+
+
 @torch.no_grad()
-def save_images(model, batch: dict, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
-    """Reconstructions and every sparse token's spatial map for a few images, as PNGs (and to tensorboard)."""
+def save_images(model, images: torch.Tensor, config: StellarConfig, output_dir: Path, tag: str, accelerator) -> list[Path]:
+    """
+    Reconstructions and every sparse token's spatial map for `images` (`(n, 3, S, S)` in [0, 1]), as PNGs under
+    `output_dir/images/` (and to tensorboard when it is a tracker).
+    """
     from stellar_hf.visualization import reconstruction_grid, spatial_map_grid
 
     unwrapped = accelerator.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
-    pixel_values = normalize(batch["pixel_values"][:8], config.image_mean, config.image_std).to(accelerator.device)
+    images = images.float().cpu()
+    pixel_values = normalize(images, config.image_mean, config.image_std).to(accelerator.device)
     outputs = unwrapped.stellar(pixel_values)
     grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
-    images = unnormalize(pixel_values, config).float().cpu()
     panels = {"spatial_maps": spatial_map_grid(images, outputs.spatial_map.float().cpu(), grid)}
     if config.reconstruction_target == "pixel":
         reconstruction = unwrapped.decode_tokens(unwrapped.decoder(outputs.lowrank_features, grid), grid)
@@ -681,7 +740,10 @@ def train(args: argparse.Namespace) -> int:
     unwrapped = accelerator.unwrap_model(model)
     image_every = args.image_logging_steps or max(args.max_train_steps // 4, 1)
     started = time.monotonic()
-    last_batch, stop_reason, failure = None, None, None
+    logger.info("started at %s", time.strftime("%H:%M:%S"))
+    timed_from, timed_steps = None, min(10, args.max_train_steps - completed_steps)
+    stop_reason, failure = None, None
+    shown_images = figure_images(args, config, dataset) if accelerator.is_main_process else None
     epoch, micro_batches_in_step = start_epoch, 0
     model.train()
     while completed_steps < args.max_train_steps and stop_reason is None:
@@ -712,7 +774,8 @@ def train(args: argparse.Namespace) -> int:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-            last_batch = batch
+            if shown_images is None and accelerator.is_main_process:
+                shown_images = batch["pixel_values"][:FIGURE_IMAGES].cpu()  # a stream: its first batch, kept
             if not accelerator.sync_gradients:
                 continue
             micro_batches_in_step = 0
@@ -720,6 +783,15 @@ def train(args: argparse.Namespace) -> int:
                 unwrapped.update_teacher(unwrapped.teacher_momentum(completed_steps, args.max_train_steps))
             completed_steps += 1
             progress.update(1)
+            if timed_from is None:
+                timed_from = (time.monotonic(), completed_steps)  # the first step includes one-off warm-up
+            elif completed_steps - timed_from[1] == timed_steps:
+                seconds_per_step = (time.monotonic() - timed_from[0]) / timed_steps
+                remaining = seconds_per_step * (args.max_train_steps - completed_steps)
+                logger.info(
+                    "%.2f s per step: expected to finish training in %.1f min (at %s), then the final probes",
+                    seconds_per_step, remaining / 60, time.strftime("%H:%M:%S", time.localtime(time.time() + remaining)),
+                )  # fmt: skip
             names = ("loss", "reconstruction_loss", "clustering_loss", "mask_loss", "cls_loss", "koleo_loss")
             # One device-to-host copy for all parts.
             parts = dict(zip(names, torch.stack([getattr(outputs, name).detach().float() for name in names]).tolist()))
@@ -740,7 +812,7 @@ def train(args: argparse.Namespace) -> int:
                     raise SystemExit(f"error: {error}") from None
             if completed_steps % image_every == 0 and accelerator.is_main_process:
                 try:
-                    save_images(model, batch, config, output_dir, f"{completed_steps:06d}", accelerator)
+                    save_images(model, shown_images, config, output_dir, f"{completed_steps:06d}", accelerator)
                 except OSError as error:
                     logger.warning("could not write the step %d images: %s", completed_steps, error)
             if args.max_train_minutes and (time.monotonic() - started) / 60 > args.max_train_minutes:
@@ -785,8 +857,9 @@ def train(args: argparse.Namespace) -> int:
         shutil.rmtree(staging, ignore_errors=True)
         unwrapped.save_pretrained(staging, save_function=accelerator.save)
         StellarImageProcessor.from_model_config(config).save_pretrained(staging)
-        if last_batch is not None:
-            save_images(model, last_batch, config, output_dir, "final", accelerator)
+        final_figures = []
+        if shown_images is not None:
+            final_figures = save_images(model, shown_images, config, output_dir, "final", accelerator)
         summary = {
             "completed_steps": completed_steps,
             "data": data_description,
@@ -799,41 +872,58 @@ def train(args: argparse.Namespace) -> int:
             "skipped_images": skipped,
             "probes": results,
         }
-        card_results = []
-        dataset_name = "probe images" if args.probe_train_dir else "synthetic scenes"
-        for task, scores in (results or {}).items():
-            if task == "num_probe_images":
-                continue
-            for metric in ("knn_top1", "linear_probe_top1"):
-                card_results.append(
-                    dict(task="image-classification", dataset=f"{dataset_name} ({task})", split="validation",
-                         metric=metric.replace("_", "-"), value=scores[metric])
-                )  # fmt: skip
-        details = (
-            f"Pretrained with `examples/pretrain.py` on {data_description} for {completed_steps} steps, global batch "
-            f"{global_batch}, AdamW lr {learning_rate:.3g} (base {args.base_learning_rate} x batch / 256), weight "
-            f"decay {args.weight_decay}, {args.lr_scheduler_type} schedule with {args.warmup_ratio:.0%} warmup, "
-            f"gradient clipping {args.max_grad_norm}, seed {args.seed}, {accelerator.num_processes} process(es), "
-            f"mixed precision {accelerator.mixed_precision}."
+        # The model card, rendered from what this run was (stellar_hf.model_card.TrainingRun). Sizes, target and
+        # preprocessing come from the config; the snippets load `card_id`: the --hub_model_id, else this folder.
+        size = config.image_size
+        card_run = TrainingRun(
+            data=data_description,
+            data_hub_id=hub_id_or_none(args.dataset_name),
+            synthetic=not (args.train_dir or args.dataset_name),
+            steps=completed_steps,
+            planned_steps=args.max_train_steps,
+            global_batch_size=global_batch,
+            learning_rate=learning_rate,
+            base_learning_rate=args.base_learning_rate,
+            weight_decay=args.weight_decay,
+            lr_schedule=args.lr_scheduler_type,
+            warmup_steps=int(args.warmup_ratio * args.max_train_steps),
+            max_grad_norm=args.max_grad_norm,
+            seed=args.seed,
+            num_processes=accelerator.num_processes,
+            mixed_precision=accelerator.mixed_precision,
+            device=str(accelerator.device)
+            + (f", {summary['cpu_threads']} threads per process" if summary["cpu_threads"] else ""),
+            wall_minutes=summary["minutes"],
+            resumed_from_step=resume.step if resume is not None else None,
+            encoder_init=args.init_encoder_from,
+            skipped_images=skipped,
+            probes=ProbeResults.from_pretrain_results(
+                results,
+                dataset=f"labelled image folders (fitted on {args.probe_train_dir}, scored on {args.probe_eval_dir})"
+                if args.probe_train_dir
+                else "the synthetic scenes (fitted on the train split, scored on the held-out validation split)",
+                preprocessing=f"shorter side resized to {size} px (bicubic), centre crop {size} x {size}, normalised "
+                "as above",
+            ),
+            figures=sorted(path.relative_to(output_dir).as_posix() for path in final_figures),
         )
-        (staging / "README.md").write_text(
-            render_model_card(
-                config,
-                training_details=details,
-                model_id=args.hub_model_id or output_dir.name,
-                base_model=args.init_encoder_from,
-                results=card_results,
-            )
-        )
+        card_id = args.hub_model_id or str(output_dir)
+        (staging / "README.md").write_text(render_model_card(config, run=card_run, model_id=card_id), encoding="utf-8")
         (staging / "results.json").write_text(json.dumps(summary, indent=2))
-        publish_files(staging, output_dir, last="results.json")
-        print(json.dumps(summary))
+        written = publish_files(staging, output_dir, last="results.json")
+        written += final_figures
+        print(format_results(summary, output_dir, written))
         if args.push_to_hub:
             from huggingface_hub import HfApi
 
-            repo_id = args.hub_model_id or output_dir.name
             api = HfApi(token=args.hub_token)
-            api.create_repo(repo_id, private=args.hub_private_repo, exist_ok=True)
+            # A bare name lands under the token's namespace: the card on the Hub loads that full id.
+            repo_id = api.create_repo(
+                args.hub_model_id or output_dir.name, private=args.hub_private_repo, exist_ok=True
+            ).repo_id
+            if repo_id != card_id:
+                with replace_atomically(output_dir / "README.md") as temporary:
+                    temporary.write_text(render_model_card(config, run=card_run, model_id=repo_id), encoding="utf-8")
             api.upload_folder(
                 repo_id=repo_id,
                 folder_path=str(output_dir),

@@ -26,10 +26,14 @@ class MaskGitVQGANConfig(PretrainedConfig):
             the encoder's latents directly, so this must equal `z_channels`.
         dropout (`float`, defaults to 0.0): dropout inside the residual blocks (0 in the released tokenizer, which
             makes training and eval mode identical).
-        image_size (`int`, defaults to 256): side of the square images the tokenizer was trained on. Any side that is
-            a multiple of the downsampling factor is accepted.
-        norm_num_groups (`int`, defaults to 32): groups of every GroupNorm; must divide every level's width.
-        norm_eps (`float`, defaults to 1e-6): epsilon of every GroupNorm.
+        image_size (`int`, defaults to 256): side of the square images the tokenizer was trained on, so its code grid
+            is `image_size / f` per side (`grid_size`). The weights do not record it: `python -m
+            stellar_hf.convert_vqgan` writes the checkpoint's own (from `--image_size`, the checkpoint's tokenizer
+            config, or 256 only for the released architecture) and never falls back to this default. Encoding
+            accepts any side that is a multiple of the downsampling factor.
+        norm_num_groups (`int`, defaults to 32): groups of every GroupNorm; must divide every level's width. Fixed
+            at 32 in the original code, and not recorded in the weights.
+        norm_eps (`float`, defaults to 1e-6): epsilon of every GroupNorm (fixed at 1e-6 in the original code).
         initializer_range (`float`, defaults to 0.02): std of the normal init of convolutions (the codebook starts
             uniform in [-1 / codebook_size, 1 / codebook_size], as in the original). Only matters for untrained models.
 
@@ -37,8 +41,8 @@ class MaskGitVQGANConfig(PretrainedConfig):
     ```python
     >>> from stellar_hf.configuration_maskgit_vqgan import MaskGitVQGANConfig
     >>> config = MaskGitVQGANConfig()
-    >>> config.downsample_factor, config.num_resolutions
-    (16, 5)
+    >>> config.downsample_factor, config.num_resolutions, config.grid_size
+    (16, 5, 16)
     ```
     """
 
@@ -85,6 +89,11 @@ class MaskGitVQGANConfig(PretrainedConfig):
     def downsample_factor(self) -> int:
         """Ratio f between an image side and its latent grid side (16 for the released tokenizer)."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def grid_size(self) -> int:
+        """Codes per side for an `image_size` image: `image_size / downsample_factor` (16 for the released one)."""
+        return self.image_size // self.downsample_factor
 
     def validate_maskgit_vqgan_fields(self) -> None:
         """Raise `ValueError` naming the first field whose value cannot build a working tokenizer."""

@@ -3,11 +3,14 @@
     python -m stellar_hf.convert --checkpoint stellar-b16.safetensors --output_dir stellar-b16-hf
 
 Reads a PyTorch Lightning `.ckpt` (`{"state_dict": {"model.<name>": tensor}, ...}`) or a `.safetensors` / `.bin` /
-`.pt` state dict with or without the `model.` prefix, never executing pickled code. Every size is inferred from tensor
-shapes; the only free choices are the head counts and the spatial temperature, which the weights do not record. Names
-(the EMA teacher's included) are mapped with one key table, loaded strictly, saved with `save_pretrained`, reloaded,
-and the reloaded outputs compared with the converted model before the command exits. Every dropped key is named in
-the log. Not imported by `stellar_hf/__init__.py`.
+`.pt` state dict with or without the `model.` prefix, never executing pickled code. Every size the tensors determine
+is read from their shapes. The settings the weights do not record (the head counts, the spatial temperature) are
+never guessed: each comes from an explicit argument, the checkpoint's hyper-parameters, or a documented constant of
+the released models (`STANDARD_WIDTHS`, `ORIGINAL_DECODER_WIDTH`); when none applies the conversion stops with a
+`MissingSettingError` naming the flag to pass. Names (the EMA teacher's included) are mapped with one key table,
+loaded strictly, saved with `save_pretrained`, and the saved folder is reloaded and compared with the in-memory
+converted model (a check of saving, not of the conversion against the original code). Every dropped key is named
+in the log. Not imported by `stellar_hf/__init__.py`.
 """
 
 import argparse
@@ -35,16 +38,21 @@ from .modeling_stellar import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "NOT_GIVEN",
     "CheckpointError",
+    "MissingSettingError",
     "convert_checkpoint",
     "convert_state_dict",
     "infer_config",
     "load_original_state_dict",
     "main",
     "model_outputs",
+    "read_checkpoint",
     "read_state_dict",
+    "released_num_attention_heads",
     "rename_block_key",
     "rename_key",
+    "resolve_config",
 ]
 
 # Keys the original saves but never reads in its forward pass, and the copies it keeps of other models. Each pattern
@@ -130,11 +138,72 @@ REQUIRED_KEYS = (
     "dense_proj.weight",
     "sparse_proj.weight",
 )
-# Head counts are not recorded in the weights (q, k and v are d x d). Standard ViT widths use d / 64 heads, except
-# ViT-H (1280: 16 heads of 80, the backbone of STELLAR-H16), ViT-g (1408) and ViT-G (1664).
-NON_STANDARD_NUM_HEADS = {1280: 16, 1408: 16, 1664: 16}
-# The original hard-codes an 8-head decoder.
-DEFAULT_DECODER_NUM_HEADS = 8
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings the weights do not record
+#
+# Resolved in this order: an explicit argument (command-line flag), the checkpoint's hyper-parameters, a documented
+# constant of the released models; otherwise `MissingSettingError` names the flag. Never a rule of thumb.
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The standard ViT widths of the backbones the released models and the original recipe build on, with their head
+# counts (q, k and v are d x d whatever the heads, so the weights cannot tell). ViT-H/14 (STELLAR-H16's backbone,
+# `facebook/vit-mae-huge`) has 16 heads of 80, not 1280 / 64 = 20.
+STANDARD_WIDTHS = {
+    384: ("ViT-S", 6),
+    768: ("ViT-B", 12),
+    1024: ("ViT-L", 16),
+    1280: ("ViT-H", 16),
+}
+# The original's decoder is a transformers `ViTConfig(hidden_size=512, num_attention_heads=8, intermediate_size=2048)`
+# whatever the encoder: a 512-wide decoder has 8 heads; any other width was built by modified code.
+ORIGINAL_DECODER_WIDTH, ORIGINAL_DECODER_HEADS = 512, 8
+# The released recipe's spatial temperature (`spatial_temp` in the original's configs/stellar.yaml), taken for a
+# checkpoint of a standard width that has no hyper-parameters saying otherwise.
+RELEASED_SPATIAL_TEMPERATURE = 0.06
+# transformers' `ViTConfig` default, which the original's decoder always uses and its encoder uses with `ViTConfig()`
+# and with the MAE backbones (`facebook/vit-mae-*`); pass `layer_norm_eps` for a backbone configured otherwise.
+VIT_LAYER_NORM_EPS = 1e-12
+# Backbones the original's `vit_pretrained` hyper-parameter names: (width, heads). `None` there means `ViTConfig()`.
+KNOWN_VIT_BACKBONES = {
+    "facebook/vit-mae-base": (768, 12),
+    "facebook/vit-mae-large": (1024, 16),
+    "facebook/vit-mae-huge": (1280, 16),
+}
+# Hyper-parameters of the original's `STELLARModel` that the tensors determine: checked against them.
+HYPER_PARAMETER_CHECKS = {
+    "num_sparse_tokens": "num_sparse_tokens",
+    "num_decoder_layers": "decoder_num_hidden_layers",
+    "num_clusters": "num_prototypes",
+    "prototype_dim": "prototype_dim",
+    "predictor_layers": "predictor_num_layers",
+}
+# Hyper-parameters of the original's `STELLARModel` that only matter for further pretraining: our fields. Without
+# them, our defaults are the released recipe's values (configs/stellar.yaml).
+HYPER_PARAMETER_SETTINGS = {
+    "logits_temp": ("prediction_temperature",),
+    "sk_temp": ("sinkhorn_temperature",),
+    "n_sk_iter": ("sinkhorn_iterations",),
+    "num_masks": ("num_masked_views",),
+    "masking_ratio": ("mask_ratio",),
+    "num_local_crops": ("num_local_views",),
+    "teacher_momentum": ("ema_momentum", "ema_momentum_end"),  # the original's momentum is constant
+}
+# Switches of the original that turn a training part off: our field and its "off" value.
+HYPER_PARAMETER_SWITCHES = {
+    "do_masking": ("num_masked_views", 0),
+    "do_cropping": ("num_local_views", 0),
+    "do_koleo": ("koleo_weight", 0.0),
+}
+
+
+class _NotGiven:
+    """The default of an argument whose `None` means something (`spatial_temperature=None`: no temperature)."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = _NotGiven()
 # Containers that training code wraps a state dict in: Lightning / timm (`state_dict`), MAE (`model`), DDP (`module`).
 WRAPPER_KEYS = ("state_dict", "model", "module")
 
@@ -143,9 +212,21 @@ class CheckpointError(ValueError):
     """The file is not a checkpoint we can read or convert; the message says why."""
 
 
-def default_num_attention_heads(hidden_size: int) -> int:
-    """Encoder heads for a width when the user gives none: 16 for ViT-H/g/G, otherwise `hidden_size / 64`."""
-    return NON_STANDARD_NUM_HEADS.get(hidden_size, max(hidden_size // 64, 1))
+class MissingSettingError(CheckpointError):
+    """
+    A setting the weights do not record could not be found in the checkpoint's hyper-parameters or the released
+    models' constants. `flags` lists the command-line flags (Python: the arguments of the same names) to pass.
+    """
+
+    def __init__(self, message: str, flags: list[str]):
+        super().__init__(message)
+        self.flags = flags
+
+
+def released_num_attention_heads(hidden_size: int) -> int | None:
+    """Encoder heads of a standard ViT width (`STANDARD_WIDTHS`), or `None` for any other width."""
+    entry = STANDARD_WIDTHS.get(hidden_size)
+    return None if entry is None else entry[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -250,6 +331,34 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _read_checkpoint(path)[0]
 
 
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """
+    `read_state_dict`, and the hyper-parameters a training checkpoint keeps beside it: `{key: object}` for each of
+    `HYPER_PARAMETER_KEYS` the file holds (Lightning's `hyper_parameters`, `hparams`, `config`, `cfg`, `args`), in
+    that order; empty for a bare state dict. Objects the safe loader refuses (an `argparse.Namespace`, OmegaConf
+    configs) are inert placeholders that `find_hyper_parameter` reads.
+    """
+    state_dict, checkpoint = _read_checkpoint(path)
+    hyper_parameters = {}
+    if isinstance(checkpoint, Mapping):
+        for key in HYPER_PARAMETER_KEYS:
+            if key in checkpoint and not isinstance(checkpoint[key], torch.Tensor):
+                hyper_parameters[key] = checkpoint[key]
+    return state_dict, hyper_parameters
+
+
+def find_hyper_parameter(hyper_parameters: object, key: str) -> tuple[str, object] | None:
+    """
+    The first `key` in a checkpoint's hyper-parameters (as `read_checkpoint` returns them, or any nested dicts,
+    lists, namespaces and OmegaConf trees), as (dotted name, value); `None` when no entry has that name (an entry set
+    to `None` gives `(name, None)`).
+    """
+    if hyper_parameters is None:
+        return None
+    found = _find_setting(hyper_parameters, key, "")
+    return None if found is None else (found[0].lstrip("."), found[1])
+
+
 def _read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], object]:
     """`read_state_dict`, and the whole object the file holds (for the hyper-parameters a training checkpoint keeps)."""
     path = Path(path)
@@ -316,17 +425,9 @@ def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return _load_original(path)[0]
 
 
-def _load_original(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[str, object] | None]:
-    """`load_original_state_dict`, and where the file's hyper-parameters set `momentum_teacher` (name, value)."""
-    raw_state_dict, checkpoint = _read_checkpoint(path)
-    teacher_flag = None
-    if isinstance(checkpoint, Mapping):
-        for key in HYPER_PARAMETER_KEYS:
-            if key in checkpoint and not isinstance(checkpoint[key], torch.Tensor):
-                teacher_flag = _find_setting(checkpoint[key], TEACHER_FLAG, key)
-                if teacher_flag is not None:
-                    break
-    del checkpoint  # the optimiser state can be as large as the weights
+def _load_original(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """`load_original_state_dict`, and the file's hyper-parameters (`read_checkpoint`)."""
+    raw_state_dict, hyper_parameters = read_checkpoint(path)
     state_dict = {_strip_prefix(name): tensor for name, tensor in raw_state_dict.items()}
     if "sparse_tokens" not in state_dict:
         raise CheckpointError(
@@ -342,7 +443,7 @@ def _load_original(path: str | Path) -> tuple[dict[str, torch.Tensor], tuple[str
     not_finite = [name for name, tensor in kept.items() if not bool(tensor.isfinite().all())]
     if not_finite:
         raise CheckpointError(f"{path} has NaN or infinite values in {not_finite[:10]}")
-    return state_dict, teacher_flag
+    return state_dict, hyper_parameters
 
 
 def _find_setting(
@@ -387,6 +488,10 @@ def _plain_value(value: object) -> object:
 
 def _is_true(value: object) -> bool:
     return value is True or (isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"))
+
+
+def _is_false(value: object) -> bool:
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "0"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -520,19 +625,123 @@ def _has_qkv_bias(state_dict: Mapping[str, torch.Tensor], prefix: str) -> bool:
     return _layer_tensor(state_dict, prefix, ("attention.attention.query.bias", "attention.q_proj.bias")) is not None
 
 
+def _hyper_parameter_number(
+    found: tuple[str, object], integer: bool = False, optional: bool = False
+) -> int | float | None:
+    """A numeric hyper-parameter's value (numbers, numeric strings; `None` when `optional`), or `CheckpointError`."""
+    where, value = found
+    if optional and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value) if not integer else int(value)
+        except ValueError:
+            pass
+    if integer and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        kind = "an integer" if integer else "a number"
+        raise CheckpointError(f"the checkpoint's hyper-parameter {where}={value!r} is not {kind}")
+    return value
+
+
+def _encoder_heads(hidden_size: int, hyper_parameters: object) -> tuple[int, str] | None:
+    """Encoder heads from the hyper-parameters' `vit_pretrained` or the standard widths, with where they came from."""
+    found = find_hyper_parameter(hyper_parameters, "vit_pretrained")
+    if found is not None:
+        where, backbone = found
+        known = None
+        if backbone is None:  # the original builds `ViTModel(ViTConfig())`: ViT-B
+            known = (768, 12)
+        elif isinstance(backbone, str) and backbone.strip() in KNOWN_VIT_BACKBONES:
+            known = KNOWN_VIT_BACKBONES[backbone.strip()]
+        if known is not None:
+            if known[0] != hidden_size:
+                raise CheckpointError(
+                    f"the checkpoint's hyper-parameters say {where}={backbone!r}, a {known[0]}-wide backbone, but its "
+                    f"encoder is {hidden_size} wide"
+                )
+            return known[1], f"hyper-parameter {where}={backbone!r}"
+    entry = STANDARD_WIDTHS.get(hidden_size)
+    if entry is not None:
+        return entry[1], f"standard {entry[0]} width {hidden_size}"
+    return None
+
+
+def _spatial_temperature(hidden_size: int, hyper_parameters: object) -> tuple[float | None, str] | None:
+    found = find_hyper_parameter(hyper_parameters, "spatial_temp")
+    if found is not None:
+        return _hyper_parameter_number(found, optional=True), f"hyper-parameter {found[0]}"
+    if hidden_size in STANDARD_WIDTHS:
+        return RELEASED_SPATIAL_TEMPERATURE, f"the released recipe's value at the standard width {hidden_size}"
+    return None
+
+
+def _missing_settings_error(missing: list[tuple[str, str]]) -> MissingSettingError:
+    """One error for every setting that could not be resolved: (flag, why) pairs."""
+    flags = [flag for flag, _ in missing]
+    reasons = "; ".join(f"{flag}: {why}" for flag, why in missing)
+    arguments = ", ".join(f"{flag.removeprefix('--')}=" for flag in flags)
+    return MissingSettingError(
+        f"cannot convert without {' and '.join(flags)}: the weights do not record "
+        f"{'these settings' if len(flags) > 1 else 'this setting'} and nothing else in the checkpoint gives "
+        f"{'them' if len(flags) > 1 else 'it'} ({reasons}). Pass the values the model was trained with "
+        f"(in Python: {arguments})",
+        flags,
+    )
+
+
 def infer_config(
     state_dict: dict[str, torch.Tensor],
     num_attention_heads: int | None = None,
     decoder_num_attention_heads: int | None = None,
-    spatial_temperature: float | None = 0.06,
+    spatial_temperature: float | None | _NotGiven = NOT_GIVEN,
+    layer_norm_eps: float | None = None,
+    hyper_parameters: object = None,
 ) -> StellarConfig:
-    """
-    Build the `StellarConfig` of an original state dict (names without `model.`) from its tensor shapes.
+    """The `StellarConfig` of an original state dict; `resolve_config` without the sources."""
+    return resolve_config(
+        state_dict, num_attention_heads, decoder_num_attention_heads, spatial_temperature, layer_norm_eps,
+        hyper_parameters,
+    )[0]  # fmt: skip
 
-    Heads default to `default_num_attention_heads(width)` for the encoder and 8 for the decoder (what the original
-    hard-codes); the spatial temperature is not in the weights either (the original's default is 0.06).
-    `use_ema_teacher` is set when the checkpoint holds EMA-teacher weights and converts to `StellarForPreTraining`,
-    the one class that keeps a teacher.
+
+def resolve_config(
+    state_dict: dict[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    decoder_num_attention_heads: int | None = None,
+    spatial_temperature: float | None | _NotGiven = NOT_GIVEN,
+    layer_norm_eps: float | None = None,
+    hyper_parameters: object = None,
+) -> tuple[StellarConfig, dict[str, str]]:
+    """
+    Build the `StellarConfig` of an original state dict (names without `model.`), and say where each setting that
+    the tensors do not determine came from.
+
+    Sizes (widths, depths, MLP widths, patch and image size, channels, sparse tokens, heads' prototypes and
+    predictor, reconstruction target and codebook size) are read from tensor shapes. The rest, in order:
+
+    - `num_attention_heads`: the argument; the hyper-parameters' `vit_pretrained` when it names a known backbone
+      (`KNOWN_VIT_BACKBONES`, or `None` for the original's `ViTConfig()`); the standard widths (`STANDARD_WIDTHS`:
+      384 → 6, 768 → 12, 1024 → 16, 1280 → 16).
+    - `decoder_num_attention_heads` (when there is a decoder): the argument; 8 for a 512-wide decoder (the original
+      hard-codes `ViTConfig(hidden_size=512, num_attention_heads=8)`).
+    - `spatial_temperature` (`None`: scaled dot products): the argument; the hyper-parameters' `spatial_temp`; 0.06
+      at a standard width (the released recipe).
+    - `layer_norm_eps`: the argument; 1e-12 (transformers' `ViTConfig` default, which the original's ViTs use).
+    - training-only settings (`logits_temp`, `sk_temp`, `n_sk_iter`, `num_masks`, `masking_ratio`,
+      `num_local_crops`, `teacher_momentum`, `do_masking`, `do_cropping`, `do_koleo`): the hyper-parameters, else our
+      defaults, which are the released recipe's. Hyper-parameters the tensors determine (`num_sparse_tokens`,
+      `num_decoder_layers`, `num_clusters`, `prototype_dim`, `predictor_layers`) must agree with them.
+
+    `use_ema_teacher` is set when the checkpoint holds EMA-teacher weights and converts to `StellarForPreTraining`.
+
+    Raises:
+        MissingSettingError: a head count or the spatial temperature is not given and cannot be looked up; the
+            message names every such flag (`--num_attention_heads`, `--decoder_num_attention_heads`,
+            `--spatial_temperature`) and the widths found.
+        CheckpointError: the tensors do not form a STELLAR model, a given value does not fit them, or the
+            hyper-parameters contradict them.
     """
     missing = [name for name in REQUIRED_KEYS if name not in state_dict]
     if missing:
@@ -554,16 +763,13 @@ def infer_config(
     kwargs = dict(
         hidden_size=hidden_size,
         num_hidden_layers=_count_layers(state_dict, "encoder"),
-        num_attention_heads=num_attention_heads or default_num_attention_heads(hidden_size),
         intermediate_size=intermediate.shape[0],
         qkv_bias=_has_qkv_bias(state_dict, "encoder"),
         image_size=side * patch_size,
         patch_size=patch_size,
         num_channels=num_channels,
         num_sparse_tokens=num_sparse_tokens,
-        spatial_temperature=spatial_temperature,
     )
-    decoder_num_attention_heads = decoder_num_attention_heads or DEFAULT_DECODER_NUM_HEADS
     if "decoder_proj.weight" in state_dict:
         decoder_hidden_size = state_dict["decoder_proj.weight"].shape[0]
         decoder_intermediate = _layer_tensor(state_dict, "decoder", ("intermediate.dense.weight", "mlp.fc1.weight"))
@@ -576,7 +782,6 @@ def infer_config(
         kwargs.update(
             decoder_hidden_size=decoder_hidden_size,
             decoder_num_hidden_layers=_count_layers(state_dict, "decoder"),
-            decoder_num_attention_heads=decoder_num_attention_heads,
             decoder_intermediate_size=decoder_intermediate.shape[0],
         )
         head = state_dict.get("reconstruction_head.weight")
@@ -610,13 +815,119 @@ def infer_config(
             kwargs["predictor_hidden_size"] = predictor_hidden_size
         if model_class_for(state_dict) is StellarForPreTraining and teacher_keys(state_dict):
             kwargs["use_ema_teacher"] = True
+
+    # Hyper-parameters the tensors determine must agree with them: a mismatch means the file is not what it says.
+    for name, field_name in HYPER_PARAMETER_CHECKS.items():
+        found = find_hyper_parameter(hyper_parameters, name)
+        if found is None or field_name not in kwargs or found[1] is None:
+            continue
+        value = _hyper_parameter_number(found, integer=True)
+        if value != kwargs[field_name]:
+            raise CheckpointError(
+                f"the checkpoint's hyper-parameters say {found[0]}={found[1]!r} but its tensors give "
+                f"{field_name}={kwargs[field_name]}"
+            )
+
+    # The settings the weights do not record: an argument, the hyper-parameters, a released-model constant, or an
+    # error that names the flag.
+    sources, unresolved = {}, []
+    for name, value in (
+        ("num_attention_heads", num_attention_heads), ("decoder_num_attention_heads", decoder_num_attention_heads)
+    ):  # fmt: skip
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CheckpointError(f"{name} must be a positive integer, got {value!r} (--{name})")
+    if num_attention_heads is not None:
+        sources["num_attention_heads"] = "--num_attention_heads"
+    else:
+        resolved = _encoder_heads(hidden_size, hyper_parameters)
+        if resolved is None:
+            standard = ", ".join(f"{width} ({name}) → {heads}" for width, (name, heads) in STANDARD_WIDTHS.items())
+            unresolved.append(
+                ("--num_attention_heads", f"the encoder is {hidden_size} wide, not a standard width ({standard})")
+            )
+        else:
+            num_attention_heads, sources["num_attention_heads"] = resolved
+    if num_attention_heads is not None:
+        if hidden_size % num_attention_heads:
+            raise CheckpointError(
+                f"num_attention_heads={num_attention_heads} ({sources['num_attention_heads']}) does not divide the "
+                f"encoder width {hidden_size}; pass the head count the model was trained with "
+                "(--num_attention_heads)"
+            )
+        kwargs["num_attention_heads"] = num_attention_heads
+
+    if "decoder_hidden_size" not in kwargs:
+        if decoder_num_attention_heads is not None:
+            logger.warning("ignoring decoder_num_attention_heads=%s: the checkpoint has no decoder",
+                           decoder_num_attention_heads)  # fmt: skip
+    else:
+        decoder_hidden_size = kwargs["decoder_hidden_size"]
+        if decoder_num_attention_heads is not None:
+            sources["decoder_num_attention_heads"] = "--decoder_num_attention_heads"
+        elif decoder_hidden_size == ORIGINAL_DECODER_WIDTH:
+            decoder_num_attention_heads = ORIGINAL_DECODER_HEADS
+            sources["decoder_num_attention_heads"] = (
+                f"the original's {ORIGINAL_DECODER_WIDTH}-wide decoder has {ORIGINAL_DECODER_HEADS} heads"
+            )
+        else:
+            unresolved.append(
+                (
+                    "--decoder_num_attention_heads",
+                    f"the decoder is {decoder_hidden_size} wide, not the original's {ORIGINAL_DECODER_WIDTH} "
+                    f"(with {ORIGINAL_DECODER_HEADS} heads)",
+                )
+            )
+        if decoder_num_attention_heads is not None:
+            if decoder_hidden_size % decoder_num_attention_heads:
+                raise CheckpointError(
+                    f"decoder_num_attention_heads={decoder_num_attention_heads} does not divide the decoder width "
+                    f"{decoder_hidden_size}; pass the head count the model was trained with "
+                    "(--decoder_num_attention_heads)"
+                )
+            kwargs["decoder_num_attention_heads"] = decoder_num_attention_heads
+
+    if not isinstance(spatial_temperature, _NotGiven):
+        sources["spatial_temperature"] = "--spatial_temperature"
+    else:
+        resolved = _spatial_temperature(hidden_size, hyper_parameters)
+        if resolved is None:
+            unresolved.append(
+                (
+                    "--spatial_temperature",
+                    f"no `spatial_temp` in the checkpoint's hyper-parameters, and {hidden_size} is not a standard "
+                    f"width, where the released recipe's {RELEASED_SPATIAL_TEMPERATURE} applies (a number, or "
+                    "'none' for scaled dot products)",
+                )
+            )
+        else:
+            spatial_temperature, sources["spatial_temperature"] = resolved
+    if not isinstance(spatial_temperature, _NotGiven):
+        kwargs["spatial_temperature"] = spatial_temperature
+    if unresolved:
+        raise _missing_settings_error(unresolved)
+
+    if layer_norm_eps is not None:
+        kwargs["layer_norm_eps"], sources["layer_norm_eps"] = layer_norm_eps, "--layer_norm_eps"
+    else:
+        kwargs["layer_norm_eps"] = VIT_LAYER_NORM_EPS
+        sources["layer_norm_eps"] = "transformers' ViTConfig default, which the original's ViTs use"
+
+    for name, field_names in HYPER_PARAMETER_SETTINGS.items():
+        found = find_hyper_parameter(hyper_parameters, name)
+        if found is not None and found[1] is not None:
+            integer = field_names[0] in ("sinkhorn_iterations", "num_masked_views", "num_local_views")
+            value = _hyper_parameter_number(found, integer=integer)
+            for field_name in field_names:
+                kwargs[field_name], sources[field_name] = value, f"hyper-parameter {found[0]}"
+    for name, (field_name, off) in HYPER_PARAMETER_SWITCHES.items():
+        found = find_hyper_parameter(hyper_parameters, name)
+        if found is not None and _is_false(found[1]):
+            kwargs[field_name], sources[field_name] = off, f"hyper-parameter {found[0]}={found[1]!r}"
     try:
-        return StellarConfig(**kwargs)
+        config = StellarConfig(**kwargs)
     except ValueError as error:
-        hint = ""
-        if "num_attention_heads" in str(error):
-            hint = " Pass the head counts it was trained with (--num_attention_heads / --decoder_num_attention_heads)."
-        raise CheckpointError(f"the inferred configuration is invalid: {error}.{hint}") from error
+        raise CheckpointError(f"the inferred configuration is invalid: {error}") from error
+    return config, sources
 
 
 def teacher_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -753,15 +1064,21 @@ def convert_checkpoint(
     output_dir: str | Path,
     num_attention_heads: int | None = None,
     decoder_num_attention_heads: int | None = None,
-    spatial_temperature: float | None = 0.06,
+    spatial_temperature: float | None | _NotGiven = NOT_GIVEN,
     push_to_hub: str | None = None,
+    layer_norm_eps: float | None = None,
 ) -> StellarPreTrainedModel:
     """
     Convert `checkpoint_path` into a `save_pretrained` folder at `output_dir` and return the converted model.
 
     The folder holds the weights (safetensors), the config, the image processor, the model code (remote code) and a
-    README model card; it is reloaded and its weights and outputs compared with the converted model before this
-    returns.
+    README model card; it is reloaded and its weights and outputs compared with the in-memory converted model before
+    this returns (a check that saving lost nothing, not a comparison with the original code).
+
+    Sizes are read from the tensors; the head counts, the spatial temperature and the LayerNorm epsilon come from the
+    arguments, the checkpoint's hyper-parameters or the released models' constants, in the order `resolve_config`
+    gives, and are never guessed: when one cannot be resolved, `MissingSettingError` names the argument to pass.
+    `spatial_temperature=None` means scaled dot products (no temperature); leave it out to look it up.
 
     An original EMA teacher (`teacher_encoder.*`, `teacher_sparse_tokens`, `teacher_head.*`, `teacher_cls_head.*`)
     becomes our `teacher` (`use_ema_teacher=True`) when the model is a `StellarForPreTraining`; for the other classes
@@ -769,12 +1086,17 @@ def convert_checkpoint(
     hyper-parameters say `momentum_teacher=True` but that holds no teacher weights is reported.
 
     Raises:
+        MissingSettingError: a head count or the spatial temperature cannot be known (the message names the flags).
         CheckpointError: the file cannot be read, is not a STELLAR checkpoint, or does not fit the inferred model
             (keys listed by name).
         RuntimeError: the saved folder does not reload to the same weights and outputs.
     """
-    original, teacher_flag = _load_original(checkpoint_path)
-    config = infer_config(original, num_attention_heads, decoder_num_attention_heads, spatial_temperature)
+    original, hyper_parameters = _load_original(checkpoint_path)
+    teacher_flag = find_hyper_parameter(hyper_parameters, TEACHER_FLAG)
+    config, sources = resolve_config(
+        original, num_attention_heads, decoder_num_attention_heads, spatial_temperature, layer_norm_eps,
+        hyper_parameters,
+    )  # fmt: skip
     model_class = model_class_for(original)
     converted, dropped = convert_state_dict(original)
     teacher = teacher_keys(original)
@@ -838,16 +1160,26 @@ def convert_checkpoint(
     reloaded_state = reloaded.state_dict()
     for name, tensor in model.state_dict().items():
         if not torch.equal(tensor, reloaded_state[name]):
-            raise RuntimeError(f"conversion check failed: `{name}` differs after reloading {output_dir}")
+            raise RuntimeError(
+                f"reload check failed: `{name}` of the folder saved at {output_dir} differs from the converted model's"
+            )
     difference = compare_models(model, reloaded)
     if difference > 1e-6:
-        raise RuntimeError(f"conversion check failed: reloaded outputs differ by up to {difference:.3g}")
+        raise RuntimeError(
+            f"reload check failed: the folder saved at {output_dir} gives outputs that differ from the converted "
+            f"model's by up to {difference:.3g}"
+        )
     logger.info(
-        "converted %s -> %s (%s, %.1fM parameters); reloaded weights equal, outputs differ by %.3g",
-        checkpoint_path,
-        output_dir,
+        "settings the weights do not record: %s",
+        "; ".join(f"{name}={getattr(config, name)!r} ({source})" for name, source in sources.items()),
+    )
+    logger.info(
+        "saved %s (%.1fM parameters) from %s to %s. Reload check (the saved folder against the in-memory converted "
+        "model, not against the original code): weights equal, outputs differ by at most %.3g",
         model_class.__name__,
         sum(parameter.numel() for parameter in model.parameters()) / 1e6,
+        checkpoint_path,
+        output_dir,
         difference,
     )
     if push_to_hub:
@@ -887,7 +1219,8 @@ def describe(config: StellarConfig, model_class: type) -> str:
         f"model: {model_class.__name__}",
         f"encoder: ViT width {config.hidden_size}, {config.num_hidden_layers} layers, {config.num_attention_heads} "
         f"heads, MLP {config.intermediate_size}, patch {config.patch_size}, image {config.image_size}, "
-        f"{config.num_sparse_tokens} sparse tokens, spatial temperature {config.spatial_temperature}",
+        f"{config.num_sparse_tokens} sparse tokens, spatial temperature {config.spatial_temperature}, LayerNorm eps "
+        f"{config.layer_norm_eps:g}",
     ]
     if model_class is not StellarModel:
         lines.append(
@@ -917,36 +1250,70 @@ def _temperature(value: str) -> float | None:
         temperature = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {value!r}") from None
-    if not temperature > 0:
-        raise argparse.ArgumentTypeError(f"the temperature must be positive, got {value!r}")
+    if not (temperature > 0 and math.isfinite(temperature)):
+        raise argparse.ArgumentTypeError(f"the temperature must be a positive number, got {value!r}")
     return temperature
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
+    if not (number > 0 and math.isfinite(number)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    standard = ", ".join(f"{width} → {heads}" for width, (_, heads) in STANDARD_WIDTHS.items())
     parser = argparse.ArgumentParser(
         prog="python -m stellar_hf.convert",
         description="Convert an original STELLAR checkpoint (Lightning .ckpt, .safetensors or .bin) to a "
-        "transformers folder.",
+        "transformers folder. Sizes are read from the tensors; settings the weights do not record are taken from "
+        "these options, else the checkpoint's hyper-parameters, else the released models' values, and the command "
+        "fails naming the option when none applies. Exit codes: 0 converted, 1 conversion error, 2 usage error.",
     )
     parser.add_argument("--checkpoint", required=True, help="original .ckpt, .safetensors or .bin file")
     parser.add_argument("--output_dir", required=True, help="folder to write the converted model to")
     parser.add_argument(
         "--num_attention_heads",
-        type=int,
+        type=_positive_int,
         default=None,
-        help="encoder heads; not stored in the weights (default: width / 64, 16 for ViT-H/g/G widths 1280/1408/1664)",
+        help="encoder heads (not stored in the weights). Without it: the hyper-parameters' vit_pretrained backbone, "
+        f"else the standard widths ({standard}); any other width needs this option",
     )
     parser.add_argument(
         "--decoder_num_attention_heads",
-        type=int,
-        default=DEFAULT_DECODER_NUM_HEADS,
-        help=f"decoder heads (default: {DEFAULT_DECODER_NUM_HEADS}, what the original hard-codes)",
+        type=_positive_int,
+        default=None,
+        help=f"decoder heads. Without it: {ORIGINAL_DECODER_HEADS} for a {ORIGINAL_DECODER_WIDTH}-wide decoder (the "
+        "original's); any other decoder width needs this option",
     )
     parser.add_argument(
         "--spatial_temperature",
         type=_temperature,
-        default=0.06,
-        help="temperature of the spatial map, or 'none' for scaled dot products (default: 0.06)",
+        default=NOT_GIVEN,
+        help="temperature of the spatial map, or 'none' for scaled dot products. Without it: the hyper-parameters' "
+        f"spatial_temp, else {RELEASED_SPATIAL_TEMPERATURE} at a standard width (the released recipe); any other "
+        "width needs this option",
+    )
+    parser.add_argument(
+        "--layer_norm_eps",
+        type=_positive_float,
+        default=None,
+        help=f"LayerNorm epsilon (default: {VIT_LAYER_NORM_EPS:g}, transformers' ViTConfig default that the "
+        "original's ViTs use; e.g. 1e-6 for a timm backbone)",
     )
     parser.add_argument(
         "--push_to_hub", default=None, metavar="REPO_ID", help="also upload the folder to this Hub repo"
@@ -955,6 +1322,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: 0 when converted, 1 for a conversion error (message on stderr); argparse exits 2 on bad usage."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -965,15 +1333,16 @@ def main(argv: list[str] | None = None) -> int:
             decoder_num_attention_heads=args.decoder_num_attention_heads,
             spatial_temperature=args.spatial_temperature,
             push_to_hub=args.push_to_hub,
+            layer_norm_eps=args.layer_norm_eps,
         )
-    except CheckpointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:
+    except (CheckpointError, RuntimeError) as error:  # unreadable or foreign file, unknown setting, failed reload
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(describe(model.config, type(model)))
-    print(f"saved {type(model).__name__} to {args.output_dir}")
+    print(
+        f"saved {type(model).__name__} to {args.output_dir} (checked by reloading the folder against the converted "
+        "model; not compared with the original code)"
+    )
     return 0
 
 

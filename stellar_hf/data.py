@@ -1039,7 +1039,8 @@ class PretrainingDataset(Dataset):
             return str(paths[index])
         return _describe(raw) or f"item {index}"
 
-    def _read(self, index: int) -> tuple[Image.Image, Optional[int]]:
+    def read_image(self, index: int) -> tuple[Optional[Image.Image], Optional[int]]:
+        """(RGB image, label or None) of source row `index`, untransformed; (None, None) when it cannot be read."""
         raw = None
         try:
             raw, label = _split_item(self.source[index], self.image_column, self.label_column)
@@ -1061,7 +1062,7 @@ class PretrainingDataset(Dataset):
         passed_over = []
         for offset in range(n):
             position = (index + offset) % n
-            image, label = (None, None) if position in self.skipped_indices else self._read(position)
+            image, label = (None, None) if position in self.skipped_indices else self.read_image(position)
             if image is None:
                 passed_over.append(self._skipped_names.get(position) or self._file_name(position))
                 continue

@@ -21,14 +21,17 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from stellar_hf.configuration_stellar import StellarConfig
 from stellar_hf.convert import (
+    STANDARD_WIDTHS,
     CheckpointError,
+    MissingSettingError,
     convert_checkpoint,
-    default_num_attention_heads,
     infer_config,
     load_original_state_dict,
     main,
     model_outputs,
+    released_num_attention_heads,
     rename_key,
+    resolve_config,
 )
 from stellar_hf.losses_stellar import (
     clustering_cross_entropy,
@@ -45,8 +48,9 @@ from stellar_hf.modeling_stellar import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_TOLERANCE = 1e-5
-# The parity fixture's head counts (config.json of the fixture); the weights do not record them.
-PARITY_HEADS = {"num_attention_heads": 4, "decoder_num_attention_heads": 4}
+# The parity fixture's head counts and spatial temperature (config.json of the fixture): the weights do not record
+# them, its widths (64, decoder 32) are not standard, and its `.ckpt` has no hyper-parameters.
+PARITY_SETTINGS = {"num_attention_heads": 4, "decoder_num_attention_heads": 4, "spatial_temperature": 0.06}
 VIEWS_PER_IMAGE = 2  # masked-view copies per image in `match_predictions`
 
 
@@ -112,7 +116,7 @@ def parity_outputs(folder: Path, inputs: dict[str, torch.Tensor], expected: dict
 
 def test_parity_with_the_original(stellar_parity_dir, tmp_path):
     """Convert the original's checkpoint, reload the folder, and reproduce every tensor the original produced."""
-    model = convert_checkpoint(stellar_parity_dir / "original.ckpt", tmp_path / "hf", **PARITY_HEADS)
+    model = convert_checkpoint(stellar_parity_dir / "original.ckpt", tmp_path / "hf", **PARITY_SETTINGS)
     assert isinstance(model, StellarForPreTraining)
     inputs = load_file(str(stellar_parity_dir / "inputs.safetensors"))
     expected = load_file(str(stellar_parity_dir / "expected.safetensors"))
@@ -137,7 +141,7 @@ def test_parity_with_the_original(stellar_parity_dir, tmp_path):
 def test_converted_folder_loads_every_class(stellar_parity_dir, tmp_path):
     """One folder serves the pretraining heads, the reconstruction model, the encoder and the Auto classes."""
     folder = tmp_path / "hf"
-    converted = convert_checkpoint(stellar_parity_dir / "original.ckpt", folder, **PARITY_HEADS)
+    converted = convert_checkpoint(stellar_parity_dir / "original.ckpt", folder, **PARITY_SETTINGS)
     converted_state = converted.state_dict()
 
     pretraining = StellarForPreTraining.from_pretrained(folder)
@@ -330,6 +334,10 @@ def tiny_config(**overrides) -> StellarConfig:
     return StellarConfig(**kwargs)
 
 
+# `tiny_config`'s settings that the weights do not record (its widths, 32 and 16, are not standard).
+TINY_SETTINGS = {"num_attention_heads": 4, "decoder_num_attention_heads": 2, "spatial_temperature": 0.06}
+
+
 def random_model(model_class, config: StellarConfig, seed: int = 0):
     """A model whose every weight is perturbed, so that a tensor left at its initial value is noticed."""
     torch.manual_seed(seed)
@@ -348,16 +356,18 @@ class UnseenCheckpoint:
     overrides: dict
     file_name: str  # the suffix picks the format
     prefix: str = "model."
-    heads: dict = field(default_factory=lambda: {"num_attention_heads": 4, "decoder_num_attention_heads": 2})
+    # The settings the weights do not record, as arguments (`tiny_config`'s); `{}` where none is needed.
+    heads: dict = field(default_factory=lambda: dict(TINY_SETTINGS))
     teacher_and_tokenizer: bool = False  # EMA teacher copies (kept) and the frozen VQGAN (dropped)
 
 
 UNSEEN_CHECKPOINTS = {
-    # 64 wide: the default rule gives 1 encoder head, and the decoder gets the original's 8.
-    "vq-default-heads-lightning": UnseenCheckpoint(
+    # A standard width (ViT-S, 384: 6 heads) and the original's 512-wide decoder (8 heads): converts without
+    # arguments, with the released recipe's spatial temperature.
+    "vq-standard-widths-no-arguments-lightning": UnseenCheckpoint(
         StellarForPreTraining,
-        {"hidden_size": 64, "num_attention_heads": 1, "decoder_num_attention_heads": 8, "reconstruction_target": "vq",
-         "vq_codebook_size": 12},
+        {"hidden_size": 384, "num_attention_heads": 6, "decoder_hidden_size": 512, "decoder_num_attention_heads": 8,
+         "reconstruction_target": "vq", "vq_codebook_size": 12},
         "run.ckpt", heads={}, teacher_and_tokenizer=True,
     ),
     "single-linear-predictor-no-cls-safetensors": UnseenCheckpoint(
@@ -377,7 +387,8 @@ UNSEEN_CHECKPOINTS = {
         "recon.safetensors",
     ),
     "encoder-only-ckpt": UnseenCheckpoint(
-        StellarModel, {"num_sparse_tokens": 5, "image_size": 40}, "encoder.ckpt", heads={"num_attention_heads": 4}
+        StellarModel, {"num_sparse_tokens": 5, "image_size": 40}, "encoder.ckpt",
+        heads={"num_attention_heads": 4, "spatial_temperature": 0.06},
     ),
 }  # fmt: skip
 INFERRED_FIELDS = (
@@ -432,7 +443,7 @@ def test_clustering_heads_without_a_decoder_give_the_encoder(tmp_path, caplog):
     original = {name: tensor for name, tensor in original_state_dict(source).items() if not decoder_keys.match(name)}
     path = write_checkpoint(original, tmp_path / "no-decoder.safetensors")
     with caplog.at_level("WARNING", logger="stellar_hf.convert"):
-        converted = convert_checkpoint(path, tmp_path / "hf", num_attention_heads=4)
+        converted = convert_checkpoint(path, tmp_path / "hf", num_attention_heads=4, spatial_temperature=0.06)
     assert type(converted) is StellarModel
     assert "clustering heads but no decoder" in caplog.text
     pixel_values = torch.randn(1, 3, 32, 32)
@@ -446,7 +457,6 @@ def test_clustering_heads_without_a_decoder_give_the_encoder(tmp_path, caplog):
 # ----------------------------------------------------------------------------------------------------------------------
 
 TEACHER_CONFIG = {"use_ema_teacher": True}
-TINY_HEADS = {"num_attention_heads": 4, "decoder_num_attention_heads": 2}
 
 
 def assert_teacher_is(model: StellarForPreTraining, source: StellarForPreTraining) -> None:
@@ -474,7 +484,7 @@ def test_ema_teacher_is_converted(file_name, tmp_path, caplog):
     assert "teacher_sparse_tokens" in original and "teacher_cls_head.layer.weight" in original
     path = write_checkpoint(original, tmp_path / file_name)
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
-        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
     assert type(converted) is StellarForPreTraining and converted.config.use_ema_teacher
     assert_teacher_is(converted, source)
     assert_teacher_is(StellarForPreTraining.from_pretrained(tmp_path / "hf"), source)
@@ -505,7 +515,7 @@ def test_ema_teacher_of_the_parity_checkpoint(stellar_parity_dir, tmp_path):
     }
     assert len(teacher) == 51  # encoder (pooler included), sparse tokens, both clustering heads
     path = write_checkpoint({**original, **teacher}, tmp_path / "run.ckpt")
-    converted = convert_checkpoint(path, tmp_path / "hf", **PARITY_HEADS)
+    converted = convert_checkpoint(path, tmp_path / "hf", **PARITY_SETTINGS)
     assert converted.config.use_ema_teacher
     state = converted.state_dict()
     for student_name in students:
@@ -535,7 +545,7 @@ def test_ema_teacher_of_a_class_without_teacher_is_counted(removed, model_class,
     teacher_keys = [name for name in original if name.startswith("teacher_")]
     path = write_checkpoint(original, tmp_path / "run.safetensors")
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
-        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
     assert type(converted) is model_class
     assert not any(name.startswith("teacher") for name in converted.state_dict())
     lines = [record.getMessage() for record in caplog.records if "EMA teacher" in record.getMessage()]
@@ -554,19 +564,19 @@ def test_ema_teacher_keys_are_checked_strictly(tmp_path):
     unknown = {**original, "teacher_projector.weight": torch.ones(2), "teacher_head.extra.weight": torch.ones(2)}
     path = write_checkpoint(unknown, tmp_path / "unknown.safetensors")
     with pytest.raises(CheckpointError, match=r"(?=.*'teacher_projector\.weight')(?=.*'teacher_head\.extra\.weight')"):
-        convert_checkpoint(path, tmp_path / "hf1", **TINY_HEADS)
+        convert_checkpoint(path, tmp_path / "hf1", **TINY_SETTINGS)
 
     incomplete = {name: tensor for name, tensor in original.items() if not name.startswith("teacher_cls_head.")}
     path = write_checkpoint(incomplete, tmp_path / "incomplete.safetensors")
     with pytest.raises(CheckpointError, match=r"missing keys: \['teacher\.cls_clustering_head\.predictor\.0\.bias'"):
-        convert_checkpoint(path, tmp_path / "hf2", **TINY_HEADS)
+        convert_checkpoint(path, tmp_path / "hf2", **TINY_SETTINGS)
 
     mismatched = {**original, "teacher_head.layer.weight": torch.randn(11, 6)}
     path = write_checkpoint(mismatched, tmp_path / "mismatch.safetensors")
     with pytest.raises(
         CheckpointError, match=r"teacher\.sparse_clustering_head\.prototypes\.weight: checkpoint \(11, 6\)"
     ):
-        convert_checkpoint(path, tmp_path / "hf3", **TINY_HEADS)
+        convert_checkpoint(path, tmp_path / "hf3", **TINY_SETTINGS)
 
     not_finite = {**original, "teacher_sparse_tokens": torch.full_like(original["teacher_sparse_tokens"], float("inf"))}
     path = write_checkpoint(not_finite, tmp_path / "inf.safetensors")
@@ -610,7 +620,7 @@ def test_hyper_parameters_with_a_teacher_but_no_teacher_weights(hyper_parameters
     source = random_model(StellarForPreTraining, tiny_config())
     path = write_checkpoint(original_state_dict(source), tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
-        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
     assert not converted.config.use_ema_teacher
     warnings = [record.getMessage() for record in caplog.records if "holds no teacher weights" in record.getMessage()]
     if flag is None:
@@ -624,24 +634,204 @@ def test_hyper_parameters_agree_with_teacher_weights(tmp_path, caplog):
     hyper_parameters = {"args": argparse.Namespace(momentum_teacher=True)}
     path = write_checkpoint(original_state_dict(source), tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
-        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_HEADS)
+        converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
     assert_teacher_is(converted, source)
     assert "holds no teacher weights" not in caplog.text
 
 
-def test_default_head_counts():
-    assert default_num_attention_heads(768) == 12
-    assert default_num_attention_heads(1024) == 16
-    assert default_num_attention_heads(1280) == 16  # ViT-H/14 (STELLAR-H16): 16 heads of 80, not 1280 / 64
-    original = original_state_dict(random_model(StellarModel, tiny_config(hidden_size=128, num_attention_heads=2)))
-    assert infer_config(original).num_attention_heads == 2
-    assert infer_config(original, num_attention_heads=8).num_attention_heads == 8
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings the weights do not record: given, read from the hyper-parameters or a released model's constant, never
+# guessed
+# ----------------------------------------------------------------------------------------------------------------------
+
+# The issue's checkpoint: 64 wide with 4 encoder heads, a 32-wide decoder with 4 heads; a rule of thumb gave 1 and 8.
+WIDTH_64 = {"hidden_size": 64, "num_attention_heads": 4, "decoder_hidden_size": 32, "decoder_num_attention_heads": 4}
+WIDTH_64_FLAGS = ["--num_attention_heads", "4", "--decoder_num_attention_heads", "4", "--spatial_temperature", "0.06"]
+
+
+def width_64_checkpoint(folder: Path, file_name: str = "run.safetensors", hyper_parameters: dict | None = None):
+    """The source model (the true heads) and its weights saved in the original's format."""
+    source = random_model(StellarForPreTraining, tiny_config(**WIDTH_64))
+    path = write_checkpoint(original_state_dict(source), folder / file_name, hyper_parameters=hyper_parameters)
+    return source, path
+
+
+def meta_original_state_dict(**overrides) -> dict[str, torch.Tensor]:
+    """Original names and shapes of a one-layer `StellarForPreTraining` on the meta device (no memory, any width)."""
+    with torch.device("meta"):
+        model = StellarForPreTraining(
+            tiny_config(**{"num_hidden_layers": 1, "decoder_num_hidden_layers": 1, **overrides})
+        )
+    return original_state_dict(model, extras=False)
+
+
+def test_head_counts_of_a_non_standard_width_are_not_guessed(tmp_path, capsys):
+    """Without the flags, a 64-wide checkpoint stops with exit code 1 and names every flag it needs."""
+    _, path = width_64_checkpoint(tmp_path)
+    output_dir = tmp_path / "hf"
+    assert main(["--checkpoint", str(path), "--output_dir", str(output_dir)]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: cannot convert without --num_attention_heads and --decoder_num_attention_heads "
+                            "and --spatial_temperature")  # fmt: skip
+    assert "the encoder is 64 wide, not a standard width" in error
+    assert "the decoder is 32 wide, not the original's 512" in error
+    assert not output_dir.exists()
+
+    with pytest.raises(MissingSettingError) as raised:  # the Python API: a ValueError naming the same arguments
+        convert_checkpoint(path, output_dir)
+    assert isinstance(raised.value, ValueError)
+    assert raised.value.flags == ["--num_attention_heads", "--decoder_num_attention_heads", "--spatial_temperature"]
+    # Only what is still unknown is asked for.
+    with pytest.raises(MissingSettingError, match="decoder is 32 wide") as raised:
+        convert_checkpoint(path, output_dir, num_attention_heads=4, spatial_temperature=0.06)
+    assert raised.value.flags == ["--decoder_num_attention_heads"]
+    assert not output_dir.exists()
+
+
+def test_told_head_counts_reproduce_the_model(tmp_path, capsys):
+    """With the flags, the folder has 4 and 4 heads and computes what the source model (built with them) computes."""
+    source, path = width_64_checkpoint(tmp_path)
+    output_dir = tmp_path / "hf"
+    assert main(["--checkpoint", str(path), "--output_dir", str(output_dir), *WIDTH_64_FLAGS]) == 0
+    assert "encoder: ViT width 64, 2 layers, 4 heads" in capsys.readouterr().out
+    reloaded = StellarForPreTraining.from_pretrained(output_dir).eval()
+    assert (reloaded.config.num_attention_heads, reloaded.config.decoder_num_attention_heads) == (4, 4)
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    expected = model_outputs(source, pixel_values)
+    got = model_outputs(reloaded, pixel_values)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+    # The heads matter: the same weights with the counts a width rule guessed (64 / 64 = 1, and 8) compute otherwise.
+    guessed_heads = {"num_attention_heads": 1, "decoder_num_attention_heads": 8}
+    guessed = StellarForPreTraining(tiny_config(**{**WIDTH_64, **guessed_heads}))
+    guessed.load_state_dict(source.state_dict())
+    wrong = model_outputs(guessed.eval(), pixel_values)
+    assert (wrong["prediction"] - expected["prediction"]).abs().max() > 1e-3
+    assert (wrong["sparse_tokens"] - expected["sparse_tokens"]).abs().max() > 1e-3
+
+
+def test_parity_checkpoint_needs_its_settings(stellar_parity_dir, tmp_path):
+    """The original's own 64-wide checkpoint (no hyper-parameters): no head count is made up for it."""
+    with pytest.raises(MissingSettingError) as raised:
+        convert_checkpoint(stellar_parity_dir / "original.ckpt", tmp_path / "hf")
+    assert raised.value.flags == ["--num_attention_heads", "--decoder_num_attention_heads", "--spatial_temperature"]
+
+
+def test_standard_width_table():
+    assert {width: heads for width, (_, heads) in STANDARD_WIDTHS.items()} == {384: 6, 768: 12, 1024: 16, 1280: 16}
+    assert released_num_attention_heads(1280) == 16  # ViT-H/14 (STELLAR-H16): 16 heads of 80, not 1280 / 64
+    assert released_num_attention_heads(64) is None
+    assert released_num_attention_heads(512) is None
+
+
+@pytest.mark.parametrize("width", list(STANDARD_WIDTHS))
+def test_standard_widths_convert_without_arguments(width):
+    heads = STANDARD_WIDTHS[width][1]
+    original = meta_original_state_dict(
+        hidden_size=width, num_attention_heads=heads, decoder_hidden_size=512, decoder_num_attention_heads=8
+    )
+    config, sources = resolve_config(original)
+    assert (config.num_attention_heads, config.decoder_num_attention_heads) == (heads, 8)
+    assert (config.spatial_temperature, config.layer_norm_eps) == (0.06, 1e-12)
+    assert sources["num_attention_heads"] == f"standard {STANDARD_WIDTHS[width][0]} width {width}"
+    assert "512-wide decoder has 8 heads" in sources["decoder_num_attention_heads"]
+    # An argument wins over the table.
+    given = infer_config(original, num_attention_heads=heads // 2, spatial_temperature=None, layer_norm_eps=1e-6)
+    assert (given.num_attention_heads, given.spatial_temperature, given.layer_norm_eps) == (heads // 2, None, 1e-6)
+
+
+def test_original_decoder_width_alone_is_known():
+    """A 512-wide decoder has the original's 8 heads whatever the encoder; the encoder's settings are still asked."""
+    original = meta_original_state_dict(hidden_size=64, decoder_hidden_size=512, decoder_num_attention_heads=8)
+    with pytest.raises(MissingSettingError) as raised:
+        resolve_config(original)
+    assert raised.value.flags == ["--num_attention_heads", "--spatial_temperature"]
+    config = infer_config(original, num_attention_heads=4, spatial_temperature=0.06)
+    assert config.decoder_num_attention_heads == 8
+
+
+def test_encoder_only_checkpoint_needs_no_decoder_heads():
+    original = {
+        name: tensor
+        for name, tensor in meta_original_state_dict(hidden_size=64).items()
+        if not name.startswith(("decoder", "position_embedding", "reconstruction_head", "clustering", "cls_cluster"))
+    }
+    with pytest.raises(MissingSettingError) as raised:
+        resolve_config(original)
+    assert raised.value.flags == ["--num_attention_heads", "--spatial_temperature"]
+
+
+def test_settings_from_hyper_parameters():
+    original = meta_original_state_dict(hidden_size=64, decoder_hidden_size=32)
+    hyper_parameters = {"hyper_parameters": {"model": {
+        "spatial_temp": None, "logits_temp": 0.2, "sk_temp": 0.03, "n_sk_iter": 5, "num_masks": 4,
+        "masking_ratio": 0.6, "num_local_crops": 2, "teacher_momentum": 0.99, "do_koleo": False,
+        "num_sparse_tokens": 3, "num_decoder_layers": 1, "num_clusters": 10, "prototype_dim": 6,
+        "predictor_layers": 2,
+    }}}  # fmt: skip
+    config, sources = resolve_config(
+        original, num_attention_heads=4, decoder_num_attention_heads=2, hyper_parameters=hyper_parameters
+    )
+    assert config.spatial_temperature is None  # the run's `spatial_temp: null`, not the released 0.06
+    assert sources["spatial_temperature"] == "hyper-parameter hyper_parameters.model.spatial_temp"
+    assert (config.prediction_temperature, config.sinkhorn_temperature, config.sinkhorn_iterations) == (0.2, 0.03, 5)
+    assert (config.num_masked_views, config.mask_ratio, config.num_local_views) == (4, 0.6, 2)
+    assert (config.ema_momentum, config.ema_momentum_end, config.koleo_weight) == (0.99, 0.99, 0.0)
+
+    # Hyper-parameters the tensors determine must agree with them.
+    contradicting = {"hyper_parameters": {"model": {"num_sparse_tokens": 16}}}
+    with pytest.raises(CheckpointError, match=r"num_sparse_tokens=16 but its tensors give num_sparse_tokens=3"):
+        resolve_config(original, num_attention_heads=4, decoder_num_attention_heads=2, spatial_temperature=0.06,
+                       hyper_parameters=contradicting)  # fmt: skip
+    # `vit_pretrained` names the backbone: its width must be the encoder's.
+    backbone = {"cfg": {"model": {"vit_pretrained": "facebook/vit-mae-base"}}}
+    with pytest.raises(CheckpointError, match="768-wide backbone, but its encoder is 64 wide"):
+        resolve_config(original, hyper_parameters=backbone)
+
+
+def test_vit_pretrained_names_the_backbone():
+    original = meta_original_state_dict(
+        hidden_size=768, num_attention_heads=12, decoder_hidden_size=512, decoder_num_attention_heads=8
+    )
+    for backbone in ("facebook/vit-mae-base", None):  # None: the original builds `ViTConfig()`, ViT-B
+        config, sources = resolve_config(original, hyper_parameters={"cfg": {"model": {"vit_pretrained": backbone}}})
+        assert config.num_attention_heads == 12
+        assert sources["num_attention_heads"] == f"hyper-parameter cfg.model.vit_pretrained={backbone!r}"
+
+
+def test_hyper_parameters_are_read_from_a_lightning_checkpoint(tmp_path, caplog):
+    """A `.ckpt` whose OmegaConf-like hyper-parameters give the spatial temperature; the heads still come as flags."""
+    hyper_parameters = {"cfg": omegaconf_like({"model": {"spatial_temp": 0.1, "num_masks": 3}})}
+    source, path = width_64_checkpoint(tmp_path, "run.ckpt", hyper_parameters=hyper_parameters)
+    with caplog.at_level("INFO", logger="stellar_hf.convert"):
+        converted = convert_checkpoint(path, tmp_path / "hf", num_attention_heads=4, decoder_num_attention_heads=4)
+    assert (converted.config.spatial_temperature, converted.config.num_masked_views) == (0.1, 3)
+    assert "spatial_temperature=0.1 (hyper-parameter hyper_parameters.cfg.model.spatial_temp)" in caplog.text
+    # The source was built with 0.06; with 0.1 the spatial map differs, as it must.
+    pixel_values = torch.randn(1, 3, 32, 32)
+    assert not torch.equal(model_outputs(converted, pixel_values)["spatial_map"],
+                           model_outputs(source, pixel_values)["spatial_map"])  # fmt: skip
+
+
+def test_command_line_usage_errors_exit_2(tmp_path, capsys):
+    _, path = width_64_checkpoint(tmp_path)
+    for argv in (
+        ["--output_dir", str(tmp_path / "hf")],  # no --checkpoint
+        ["--checkpoint", str(path), "--output_dir", str(tmp_path / "hf"), "--num_attention_heads", "0"],
+        ["--checkpoint", str(path), "--output_dir", str(tmp_path / "hf"), "--spatial_temperature", "-1"],
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2, argv
+    assert "usage:" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
 
 
 def test_heads_that_do_not_divide_the_width_are_explained(tmp_path):
     path = write_checkpoint(original_state_dict(random_model(StellarModel, tiny_config())), tmp_path / "a.bin")
-    with pytest.raises(CheckpointError, match="num_attention_heads"):
-        convert_checkpoint(path, tmp_path / "hf", num_attention_heads=5)
+    with pytest.raises(CheckpointError, match=r"num_attention_heads=5 .*does not divide the encoder width 32"):
+        convert_checkpoint(path, tmp_path / "hf", num_attention_heads=5, spatial_temperature=0.06)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -658,6 +848,7 @@ def test_command_line_end_to_end(stellar_parity_dir, tmp_path):
             "--output_dir", str(output_dir),
             "--num_attention_heads", "4",
             "--decoder_num_attention_heads", "4",
+            "--spatial_temperature", "0.06",
         ],
         cwd=REPO_ROOT,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
@@ -667,6 +858,12 @@ def test_command_line_end_to_end(stellar_parity_dir, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "saved StellarForPreTraining" in result.stdout
+    # The reload check says what it compares: the folder against the converted model, not the original code.
+    assert "not compared with the original code" in result.stdout
+    assert "Reload check (the saved folder against the in-memory converted model, not against the original code)" in (
+        result.stderr
+    )
+    assert "num_attention_heads=4 (--num_attention_heads)" in result.stderr
     assert "dropped 4 keys: the decoder's patch embedding" in result.stderr  # the poolers are dropped too
     config = StellarConfig.from_pretrained(output_dir)
     assert (config.hidden_size, config.num_attention_heads, config.decoder_num_attention_heads) == (64, 4, 4)
@@ -691,7 +888,7 @@ def run_module(argv: list[str]) -> int:
 def test_command_line_exit_code_for_a_bad_file(tmp_path, capsys):
     path = tmp_path / "broken.ckpt"
     path.write_bytes(random.Random(1).randbytes(2048))
-    assert run_module(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")]) == 2
+    assert run_module(["--checkpoint", str(path), "--output_dir", str(tmp_path / "out")]) == 1
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "out" / "config.json").exists()
 
@@ -777,7 +974,7 @@ def test_foreign_corrupt_and_truncated_files(tmp_path, real_checkpoint_bytes, ca
     for name, (path, pattern) in _foreign_files(tmp_path, real_checkpoint_bytes).items():
         with pytest.raises(CheckpointError, match=pattern):
             load_original_state_dict(path)
-        assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / name)]) == 2, name
+        assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / name)]) == 1, name
         assert "error:" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="does not exist"):
         load_original_state_dict(tmp_path / "missing.ckpt")
@@ -797,13 +994,13 @@ def test_keys_outside_the_table_and_shape_mismatches_are_named(tmp_path):
     unknown = {**original, "extra_head.weight": torch.ones(2)}
     path = write_checkpoint(unknown, tmp_path / "unknown.safetensors")
     with pytest.raises(CheckpointError, match=r"extra_head\.weight"):
-        convert_checkpoint(path, tmp_path / "hf1", num_attention_heads=4)
+        convert_checkpoint(path, tmp_path / "hf1", **TINY_SETTINGS)
 
     mismatched = dict(original)
     mismatched["cls_cluster_head.layer.weight"] = torch.randn(11, 6)  # one prototype more than the sparse head
     path = write_checkpoint(mismatched, tmp_path / "mismatch.safetensors")
     with pytest.raises(CheckpointError, match=r"cls_clustering_head\.prototypes\.weight: checkpoint \(11, 6\)"):
-        convert_checkpoint(path, tmp_path / "hf2", num_attention_heads=4)
+        convert_checkpoint(path, tmp_path / "hf2", **TINY_SETTINGS)
 
     not_finite = dict(original)
     not_finite["dense_proj.weight"] = not_finite["dense_proj.weight"].clone().fill_(float("nan"))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -70,7 +71,20 @@ def test_few_steps_end_to_end(tmp_path):
         for metric in ("knn_top1", "linear_probe_top1", "random_init_knn_top1", "random_init_linear_probe_top1"):
             assert 0.0 <= scores[metric] <= 1.0, (task, metric)
     assert results["probes"]["dominant_color"]["chance"] == 1 / 8
-    assert json.loads(result.stdout.strip().splitlines()[-1])["completed_steps"] == 3
+    # A person reads a table with every probe figure next to chance and the untrained encoder, then what was saved.
+    printed = result.stdout
+    header = next(line for line in printed.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "chance", "untrained", "kNN", "untrained", "linear", "trained", "kNN", "trained",
+                              "linear"]  # fmt: skip
+    color_row = next(line for line in printed.splitlines() if line.startswith("dominant_color")).split()
+    scores = results["probes"]["dominant_color"]
+    expected = [scores[key] for key in ("chance", "random_init_knn_top1", "random_init_linear_probe_top1", "knn_top1",
+                                        "linear_probe_top1")]  # fmt: skip
+    assert [float(value) for value in color_row[1:]] == [round(value, 3) for value in expected]
+    assert f"saved to {output_dir}/:" in printed
+    for name in ("model.safetensors", "README.md", "results.json", "images/reconstructions_final.png"):
+        assert f"  {name}" in printed, name
+    assert "expected to finish" not in printed  # 3 steps: no estimate; it goes to the log of longer runs
     images = sorted(path.name for path in (output_dir / "images").glob("*.png"))
     assert "spatial_maps_000002.png" in images and "reconstructions_final.png" in images
     assert list((output_dir / "logs").rglob("events.out.tfevents*")), "no tensorboard events written"
@@ -85,6 +99,26 @@ def test_few_steps_end_to_end(tmp_path):
     saved = load_file(output_dir / "model.safetensors")
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, saved[name], rtol=0, atol=0)
+
+
+def test_figures_show_the_same_images_at_every_step(tmp_path):
+    from stellar_hf.data import EvalTransform, SyntheticScenes
+
+    output_dir = tmp_path / "run"
+    run_pretrain(output_dir, "--max_train_steps", "4", "--image_logging_steps", "2", "--skip_final_evaluation")
+    first, second, final = (
+        np.asarray(Image.open(output_dir / "images" / f"reconstructions_{tag}.png").convert("RGB"))
+        for tag in ("000002", "000004", "final")
+    )
+    # Each figure's top row is the input images (as the reconstruction grid lays them out): the same at every step.
+    scenes = SyntheticScenes(num_images=8, image_size=32, split="validation")
+    inputs = [EvalTransform(32, resize_size=32)(scenes[index]["image"]) for index in range(8)]
+    top = 2 + inputs[0].shape[-1]  # the grid's padding, then one row of tiles
+    assert np.array_equal(first[:top], second[:top]) and np.array_equal(first[:top], final[:top])
+    # ... and those rows are the fixed validation scenes, not a training batch.
+    expected_left = inputs[0].permute(1, 2, 0).numpy() * 255
+    assert np.abs(first[2:top, 2:top].astype(float) - expected_left).max() <= 1
+    assert not np.array_equal(first[top:], second[top:]), "the reconstructions should change as it trains"
 
 
 def test_resumed_run_matches_uninterrupted_run(tmp_path):

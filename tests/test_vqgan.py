@@ -11,12 +11,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stellar_hf.configuration_maskgit_vqgan import MaskGitVQGANConfig
+from stellar_hf.convert import MissingSettingError
 from stellar_hf.convert_vqgan import (
     CODEBOOK_KEY,
+    RELEASED_SIZES,
     config_kwargs_from_original,
     convert_vqgan_checkpoint,
+    infer_vqgan_sizes,
     load_original_vqgan_state_dict,
     main,
+    resolve_image_size,
 )
 from stellar_hf.modeling_maskgit_vqgan import MaskGitVQGANModel, MaskGitVQGANModelOutput
 
@@ -258,22 +262,25 @@ def test_config_properties_and_original_mapping():
 
 
 def test_cli_end_to_end(vqgan_parity_dir, tmp_path):
-    kwargs = parity_config_kwargs(vqgan_parity_dir)
+    """Only the resolution is given: every size is read from the tensors, and the config keeps the real 32 px."""
     output_dir = tmp_path / "converted"
     command = [
         sys.executable, "-m", "stellar_hf.convert_vqgan",
-        "--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(output_dir),
-        "--hidden_channels", str(kwargs["hidden_channels"]),
-        "--channel_mult", ",".join(map(str, kwargs["channel_mult"])),
-        "--num_res_blocks", str(kwargs["num_res_blocks"]), "--z_channels", str(kwargs["z_channels"]),
-        "--codebook_size", str(kwargs["codebook_size"]), "--image_size", str(kwargs["image_size"]),
+        "--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(output_dir), "--image_size", "32",
     ]  # fmt: skip
     result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Converted" in result.stdout
+    assert "hidden_channels 32, channel_mult 1,2 (downsampling x2), num_res_blocks 1" in result.stdout
+    assert "image_size 32, a 16 x 16 code grid" in result.stdout
     assert {"config.json", "model.safetensors", "modeling_maskgit_vqgan.py", "configuration_maskgit_vqgan.py"} <= {
         path.name for path in output_dir.iterdir()
     }
+    saved = json.loads((output_dir / "config.json").read_text())
+    fixture = json.loads((vqgan_parity_dir / "config.json").read_text())
+    assert saved["image_size"] == fixture["tokenizer_config"]["resolution"] == 32
+    for name, value in parity_config_kwargs(vqgan_parity_dir).items():
+        assert saved[name] == value, name
 
     model = MaskGitVQGANModel.from_pretrained(output_dir)
     images = load_file(vqgan_parity_dir / "inputs.safetensors")["images"]
@@ -296,20 +303,35 @@ def test_cli_end_to_end(vqgan_parity_dir, tmp_path):
     assert "torch.Size([1, 4])" in result.stdout
 
 
-def test_cli_reports_config_mismatch(vqgan_parity_dir, tmp_path, capsys):
-    # The released defaults do not fit the small parity checkpoint: the error names keys and suggests flags.
-    assert main(["--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(tmp_path)]) == 2
+def test_cli_needs_the_image_size_of_a_tokenizer_that_is_not_the_released_one(vqgan_parity_dir, tmp_path, capsys):
+    # The sizes are read from the tensors, but the 32-px training resolution is not in them: no default is written.
+    assert main(["--checkpoint", str(vqgan_parity_dir / "vqgan.bin"), "--output_dir", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
-    assert "missing keys" in error and "encoder.down.0.block.1.conv1.weight" in error
-    assert "mis-shaped keys" in error
-    assert "encoder.conv_in.weight: checkpoint (32, 3, 3, 3) vs model (128, 3, 3, 3)" in error
-    assert "--hidden_channels 32 --channel_mult 1,2 --num_res_blocks 1 --z_channels 32 --codebook_size 16" in error
-    assert not (tmp_path / "config.json").exists()
+    assert error.startswith("convert_vqgan: error: cannot convert without --image_size")
+    assert "downsampling factor 2" in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_reports_missing_file(tmp_path, capsys):
-    assert main(["--checkpoint", str(tmp_path / "absent.bin"), "--output_dir", str(tmp_path / "out")]) == 2
+    assert main(["--checkpoint", str(tmp_path / "absent.bin"), "--output_dir", str(tmp_path / "out")]) == 1
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_cli_exit_codes_match_the_docs(tiny_checkpoint, tmp_path, capsys):
+    """0 converted; 1 conversion error (docs/conversion.md); 2 usage error, from argparse."""
+    path, _ = tiny_checkpoint
+    assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "bad"), "--image_size", "33"]) == 1
+    assert "image_size (33) must be a multiple of the downsampling factor 2" in capsys.readouterr().err
+    for argv in (
+        ["--checkpoint", str(path)],  # no --output_dir
+        ["--checkpoint", str(path), "--output_dir", str(tmp_path / "o"), "--image_size", "0"],
+        ["--checkpoint", str(path), "--output_dir", str(tmp_path / "o"), "--hidden_channels", "32"],  # read, not given
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2, argv
+    assert main(["--checkpoint", str(path), "--output_dir", str(tmp_path / "ok"), "--image_size", "8"]) == 0
+    assert MaskGitVQGANConfig.from_pretrained(tmp_path / "ok").image_size == 8
 
 
 @pytest.fixture
@@ -395,3 +417,108 @@ def test_checkpoints_that_do_not_fit_raise(tiny_checkpoint, tmp_path, edit, mess
     torch.save(state_dict, path)
     with pytest.raises(ValueError, match=message):
         convert_vqgan_checkpoint(path, tmp_path / "out", **TINY_CONFIG)
+
+
+# Tokenizers of other sizes, made in the test: (config, image size). Widths are multiples of the 32 GroupNorm groups.
+OTHER_TOKENIZERS = {
+    "three-levels-two-blocks": ({"hidden_channels": 32, "channel_mult": [1, 2, 2], "num_res_blocks": 2,
+                                 "z_channels": 16, "codebook_size": 24, "codebook_dim": 16}, 16),
+    "one-level-grayscale": ({"num_channels": 1, "hidden_channels": 64, "channel_mult": [1], "num_res_blocks": 1,
+                             "z_channels": 8, "codebook_size": 5, "codebook_dim": 8}, 12),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(OTHER_TOKENIZERS))
+def test_sizes_are_read_from_the_tensors(name, tmp_path):
+    sizes, image_size = OTHER_TOKENIZERS[name]
+    torch.manual_seed(1)
+    source = MaskGitVQGANModel(MaskGitVQGANConfig(**sizes, image_size=image_size)).eval()
+    with torch.no_grad():
+        for parameter in source.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    torch.save(source.state_dict(), tmp_path / "tokenizer.bin")
+    assert infer_vqgan_sizes(source.state_dict()) == {"num_channels": 3, **sizes}
+
+    model = convert_vqgan_checkpoint(tmp_path / "tokenizer.bin", tmp_path / "out", image_size=image_size)
+    saved = MaskGitVQGANConfig.from_pretrained(tmp_path / "out")
+    for field_name, value in {**sizes, "image_size": image_size}.items():
+        assert getattr(saved, field_name) == value, field_name
+    assert saved.grid_size == image_size // 2 ** (len(sizes["channel_mult"]) - 1)
+    reloaded = MaskGitVQGANModel.from_pretrained(tmp_path / "out")
+    generator = torch.Generator().manual_seed(2)
+    images = torch.rand(2, source.config.num_channels, image_size, image_size, generator=generator)
+    with torch.no_grad():
+        expected, got = source(images), reloaded(images)
+    assert torch.equal(got.codes, expected.codes)
+    assert torch.equal(got.reconstruction, expected.reconstruction)
+    assert model.config.image_size == image_size
+
+
+def test_released_architecture_is_recognised_without_a_flag(vqgan_parity_dir):
+    with torch.device("meta"):
+        released = MaskGitVQGANModel(MaskGitVQGANConfig())
+    layout = read_key_table(vqgan_parity_dir / "released_tokenizer_keys.txt")
+    assert infer_vqgan_sizes({key: torch.empty(shape, device="meta") for key, shape in layout.items()}) == (
+        RELEASED_SIZES
+    )
+    assert infer_vqgan_sizes(released.state_dict()) == RELEASED_SIZES
+    assert resolve_image_size(RELEASED_SIZES) == (256, "the released tokenizer's resolution "
+                                                       "(maskgit-vqgan-imagenet-f16-256.bin)")  # fmt: skip
+    assert resolve_image_size(RELEASED_SIZES, image_size=512)[0] == 512  # a flag wins
+    # One size off the released architecture and the resolution is no longer known.
+    with pytest.raises(MissingSettingError, match="--image_size") as raised:
+        resolve_image_size({**RELEASED_SIZES, "codebook_size": 4096})
+    assert raised.value.flags == ["--image_size"]
+
+
+def test_image_size_from_the_tokenizer_config_in_hyper_parameters(tiny_checkpoint, tmp_path):
+    path, state_dict = tiny_checkpoint
+    tokenizer_config = {"channel_mult": [1, 2], "num_resolutions": 2, "dropout": 0.0, "hidden_channels": 32,
+                        "num_channels": 3, "num_res_blocks": 1, "resolution": 64, "z_channels": 32}  # fmt: skip
+    torch.save({"state_dict": state_dict, "hyper_parameters": {"model": {"vq": tokenizer_config}}}, tmp_path / "a.ckpt")
+    model = convert_vqgan_checkpoint(tmp_path / "a.ckpt", tmp_path / "out")
+    assert model.config.image_size == 64
+    assert MaskGitVQGANConfig.from_pretrained(tmp_path / "out").image_size == 64
+
+    # Sizes in the hyper-parameters must agree with the tensors.
+    wrong = {**tokenizer_config, "hidden_channels": 64}
+    torch.save({"state_dict": state_dict, "hyper_parameters": {"vq": wrong}}, tmp_path / "b.ckpt")
+    with pytest.raises(ValueError, match=r"vq\.hidden_channels=64 but its tensors give 32"):
+        convert_vqgan_checkpoint(tmp_path / "b.ckpt", tmp_path / "out2")
+    # A `resolution` that is not beside the tokenizer's sizes (a data setting, say) is not taken for its own.
+    unrelated = {"data": {"resolution": 224}}
+    torch.save({"state_dict": state_dict, "hyper_parameters": unrelated}, tmp_path / "c.ckpt")
+    with pytest.raises(MissingSettingError, match="--image_size"):
+        convert_vqgan_checkpoint(tmp_path / "c.ckpt", tmp_path / "out3")
+    assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
+
+
+def test_given_sizes_must_match_the_tensors(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint
+    with pytest.raises(ValueError, match=r"hidden_channels=128 \(the tensors give 32\)"):
+        convert_vqgan_checkpoint(path, tmp_path / "out", hidden_channels=128, image_size=32)
+    with pytest.raises(ValueError, match=r"channel_mult=\[1, 2, 2\] \(the tensors give \[1, 2\]\)"):
+        convert_vqgan_checkpoint(path, tmp_path / "out", channel_mult=[1, 2, 2], image_size=32)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda sd: sd.pop("encoder.conv_in.weight"), "has no `encoder.conv_in.weight`"),
+        (lambda sd: sd.pop("encoder.down.0.block.0.conv1.weight"), "has no `encoder.down.0.block.0.conv1.weight`"),
+        (lambda sd: sd.update({"encoder.down.3.block.0.conv1.weight": torch.ones(64, 64, 3, 3)}), "not 0..n-1"),
+        (lambda sd: sd.update({"encoder.down.1.block.1.conv1.weight": torch.ones(64, 64, 3, 3)}),
+         r"different numbers of residual blocks \[1, 2\]"),
+        (lambda sd: sd.update({"encoder.down.1.block.0.conv1.weight": torch.ones(48, 32, 3, 3)}),
+         "not a multiple of the base width 32"),
+    ],
+    ids=["no-conv-in", "no-level-width", "gap-in-levels", "uneven-blocks", "odd-width"],
+)  # fmt: skip
+def test_layouts_the_sizes_cannot_be_read_from(tiny_checkpoint, tmp_path, edit, message):
+    path, state_dict = tiny_checkpoint
+    edit(state_dict)
+    torch.save(state_dict, path)
+    with pytest.raises(ValueError, match=message):
+        convert_vqgan_checkpoint(path, tmp_path / "out", image_size=32)
+    assert not (tmp_path / "out").exists()
