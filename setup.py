@@ -14,7 +14,9 @@ BASE = [
     "pillow>=10.0",
 ]
 TRAIN = ["accelerate>=1.0", "datasets>=3.0", "torchvision>=0.19", "timm>=1.0", "tensorboard>=2.14", "tqdm>=4.66"]
-EVAL = ["lpips>=0.1.4", "evaluate>=0.4", "scikit-learn>=1.3", "torchvision>=0.19", "scipy>=1.10"]
+# torch-fidelity: the FID Inception-V3 network of rFID (stellar_hf.evaluation.load_inception); its weights are read
+# from disk, never downloaded at run time.
+EVAL = ["lpips>=0.1.4", "torch-fidelity>=0.3", "evaluate>=0.4", "scikit-learn>=1.3", "torchvision>=0.19", "scipy>=1.10"]
 DEV = sorted(set(TRAIN + EVAL + ["pytest>=8.0", "scikit-image>=0.22"]))
 
 setup(

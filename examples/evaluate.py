@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a frozen STELLAR model: kNN, linear probe, reconstruction and object discovery (spec section 5).
 
+    python examples/evaluate.py knn --model outputs/stellar-pretrain          # the Quick start's colour kNN figure
+    python examples/evaluate.py linear-probe --model outputs/stellar-pretrain --label all
     python examples/evaluate.py knn --model path/to/stellar --train_dir data/train --eval_dir data/val
     python examples/evaluate.py linear-probe --model org/stellar-b16 --dataset_name ILSVRC/imagenet-1k \\
         --eval_split validation --epochs 30 --learning_rate 1e-3 --device cuda --batch_size 256
@@ -15,10 +17,19 @@ synthetic scenes (the default when no data is given; the only data with object m
 resized and centre-cropped to `config.image_size` (`stellar_hf.data.EvalTransform`) and ImageNet-normalised;
 synthetic scenes are rendered at `config.image_size` and only normalised, so their masks stay aligned.
 
+What `knn` and `linear-probe` predict is the *label*: for image folders the class subfolder (`class`), for a dataset
+its `--label_column_name` column, for the synthetic scenes `--label dominant_color` (the default: the Quick start's
+headline figure), `dominant_shape` or `all`. On the synthetic scenes the defaults are the Quick start's probe recipe
+(`examples/pretrain.py`'s final evaluation: 2048 train / 1024 validation scenes, batches of 128, the same kNN and
+probe settings), so `knn --model outputs/stellar-pretrain` prints the figure the Quick start printed for that label.
+Every figure is written with its label, number of classes, chance (1 / classes), the majority-class rate and, where
+cheap, the same protocol on a randomly initialised encoder.
+
 Every subcommand prints one final JSON line with its metrics (accuracies in [0, 1]) and writes it to
-`--output_json` when given. Reconstruction always reports PSNR and SSIM; LPIPS and rFID need network weights on this
-machine (`--lpips_weights`, `--inception_weights`, or the torch hub cache) and are otherwise listed under "skipped"
-with the reason.
+`--output_json` when given; `knn` and `linear-probe` first print one readable line per label on standard error.
+Reconstruction always reports PSNR and SSIM; LPIPS and rFID need network weights on this machine
+(`--lpips_weights`, `--inception_weights`, or the torch hub cache) and are otherwise listed under "skipped" with the
+reason.
 """
 
 import argparse
@@ -40,7 +51,13 @@ except ModuleNotFoundError as error:
     import stellar_hf  # noqa: F401
 
 SUBCOMMANDS = ("knn", "linear-probe", "reconstruction", "object-discovery")
+CLASSIFICATION = ("knn", "linear-probe")
+# Synthetic scenes per split for reconstruction and object discovery (knn / linear-probe follow the probe recipe).
 DEFAULT_SYNTHETIC_IMAGES = 1000
+# Feature batch of reconstruction and object discovery (knn / linear-probe: the probe recipe's PROBE_BATCH_SIZE).
+DEFAULT_BATCH_SIZE = 64
+# `--random_init auto` runs the random-init reference (a second feature extraction) up to this many images in all.
+RANDOM_INIT_AUTO_LIMIT = 20_000
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -51,16 +68,29 @@ DEFAULT_SYNTHETIC_IMAGES = 1000
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="folder or Hub id of a STELLAR model (any STELLAR class)")
     parser.add_argument("--output_json", type=Path, help="also write the final JSON line to this file")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        help="images per forward pass (default: 128 for knn / linear-probe, the probe recipe's; else "
+        f"{DEFAULT_BATCH_SIZE})",
+    )
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or a torch device")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument(
         "--num_images",
         type=int,
-        help=f"at most this many images per split (a seeded random subset of folders and datasets); synthetic "
-        f"scenes: images generated per split (default {DEFAULT_SYNTHETIC_IMAGES})",
+        help="at most this many images per split (a seeded random subset of folders and datasets); synthetic "
+        "scenes: images generated per split (default: 2048 train / 1024 eval for knn / linear-probe, the Quick "
+        f"start's probe recipe; {DEFAULT_SYNTHETIC_IMAGES} otherwise)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of subsets, probe initialisation and shuffling")
+    parser.add_argument("--num_train_images", type=int, help="as --num_images, for the training split only")
+    parser.add_argument("--num_eval_images", type=int, help="as --num_images, for the evaluation split only")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of subsets, synthetic scenes, probe initialisation and shuffling, and the random-init encoder",
+    )
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     data = parser.add_argument_group("data (one of: image folders, a dataset, or the synthetic scenes)")
     data.add_argument("--train_dir", type=Path, help="labelled image folder (one subfolder per class) to fit on")
@@ -86,6 +116,26 @@ def add_feature_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_label_arguments(parser: argparse.ArgumentParser) -> None:
+    from stellar_hf.evaluation import DEFAULT_SYNTHETIC_LABEL, SYNTHETIC_LABEL_NAMES
+
+    parser.add_argument(
+        "--label",
+        choices=(*SYNTHETIC_LABEL_NAMES, "all"),
+        help=f"synthetic scenes only: the label to predict, the colour or the shape of each scene's dominant object, "
+        f"or both (default {DEFAULT_SYNTHETIC_LABEL}, the Quick start's headline figure). Image folders are labelled "
+        "by their class subfolder, datasets by --label_column_name",
+    )
+    parser.add_argument(
+        "--random_init",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also run the protocol on a randomly initialised encoder of the same config (seeded by --seed), the "
+        f"reference a trained figure is read against; auto: when both splits hold at most {RANDOM_INIT_AUTO_LIMIT} "
+        "images in all (it doubles the feature extraction)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join(SUBCOMMANDS) + "}")
@@ -95,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     knn = subparsers.add_parser("knn", help="DINO's weighted kNN on frozen features")
     add_common_arguments(knn)
     add_feature_argument(knn)
+    add_label_arguments(knn)
     knn.add_argument("--k", type=int, default=20, help="neighbours that vote")
     knn.add_argument("--temperature", type=float, default=0.07, help="votes are weighted by exp(cosine / T)")
 
     probe = subparsers.add_parser("linear-probe", help="LayerNorm + Linear on frozen features, AdamW")
     add_common_arguments(probe)
     add_feature_argument(probe)
+    add_label_arguments(probe)
     probe.add_argument("--epochs", type=int, default=30, help="probe training epochs")
     probe.add_argument("--learning_rate", type=float, default=1e-3, help="AdamW learning rate (cosine schedule)")
     probe.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
@@ -149,15 +201,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     sub = parser.subcommand_parsers[args.command]
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         sub.error(f"--batch_size must be at least 1, got {args.batch_size}")
-    if args.num_images is not None and args.num_images < 1:
-        sub.error(f"--num_images must be at least 1, got {args.num_images}")
+    for flag in ("num_images", "num_train_images", "num_eval_images"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            sub.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     sources = [name for name, given in (("image folders", args.train_dir or args.eval_dir), ("--dataset_name", args.dataset_name), ("--synthetic", args.synthetic)) if given]  # fmt: skip
     if len(sources) > 1:
         sub.error(f"choose one data source, got {' and '.join(sources)}")
     if not sources:
         args.synthetic = True
+    if args.command in CLASSIFICATION and args.label is not None and not args.synthetic:
+        what = "--dataset_name is labelled by its --label_column_name column" if args.dataset_name else "image folders are labelled by their class subfolder"  # fmt: skip
+        sub.error(f"--label {args.label} names a label of the synthetic scenes; {what}")
+    if args.batch_size is None:
+        from stellar_hf.evaluation import PROBE_BATCH_SIZE
+
+        args.batch_size = PROBE_BATCH_SIZE if args.command in CLASSIFICATION else DEFAULT_BATCH_SIZE
     needs_train = args.command in ("knn", "linear-probe") or getattr(args, "train_decoder_steps", 0) > 0
     if args.command == "object-discovery" and not args.synthetic:
         sub.error(
@@ -204,6 +264,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def hub_advice(model_id: str, error: BaseException) -> str:
+    """
+    What to do, when `error` says that the Hub id `model_id` could not be fetched (no network, or offline mode and not
+    in the cache): empty for other errors, such as a repository that does not exist.
+    """
+    from stellar_hf.encoder_init import hub_download_advice, hub_offline, is_network_error
+
+    if Path(model_id).exists():
+        return ""
+    seen = []
+    while error is not None and len(seen) < 20:
+        seen.append(error)
+        if is_network_error(error) or type(error).__name__ == "LocalEntryNotFoundError":
+            return " " + hub_download_advice(model_id, offline=hub_offline())
+        error = error.__cause__ or error.__context__
+    return ""
+
+
 def load_config(model_id: str):
     """The model's `StellarConfig`, read before anything large is loaded so that data errors surface first."""
     from stellar_hf import StellarConfig
@@ -214,7 +292,7 @@ def load_config(model_id: str):
             fail(f"{model_id} holds a {config_dict.get('model_type')!r} model, not a STELLAR model")
         return StellarConfig.from_pretrained(model_id)
     except (OSError, ValueError) as error:
-        fail(f"cannot load a STELLAR configuration from {model_id}: {error}")
+        fail(f"cannot load a STELLAR configuration from {model_id}: {error}{hub_advice(model_id, error)}")
 
 
 def load_model(args, config, device: torch.device):
@@ -225,7 +303,7 @@ def load_model(args, config, device: torch.device):
     try:
         model, info = model_class.from_pretrained(args.model, config=config, output_loading_info=True)
     except (OSError, ValueError) as error:
-        fail(f"cannot load a STELLAR model from {args.model}: {error}")
+        fail(f"cannot load a STELLAR model from {args.model}: {error}{hub_advice(args.model, error)}")
     if args.command == "reconstruction" and not args.train_decoder_steps:
         missing = sorted(key for key in info["missing_keys"] if key.startswith(("decoder.", "reconstruction_head.")))
         if missing:
@@ -282,15 +360,29 @@ class Preprocess:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-class Items(Dataset):
-    """Uniform items `{"image": PIL RGB, "label": int or None, "mask": tensor or None}` from any of the sources."""
+class ColumnLabel:
+    """`item -> class index` for a dataset's label column (a `ClassLabel`, or raw values indexed by `label_map`)."""
 
-    def __init__(self, source, indices=None, image_column="image", label_column=None, label_map=None):
+    def __init__(self, column: str, label_map: dict | None = None):
+        self.column = column
+        self.label_map = label_map
+
+    def __call__(self, item: dict) -> int:
+        value = item[self.column]
+        return int(self.label_map[value] if self.label_map is not None else value)
+
+
+class Items(Dataset):
+    """
+    Uniform items `{"image": PIL RGB, "labels": [int per label] or None, "mask": tensor or None}` from any source;
+    `label_of` holds one `item -> class index` function per label.
+    """
+
+    def __init__(self, source, indices=None, image_column="image", label_of=()):
         self.source = source
         self.indices = list(range(len(source))) if indices is None else indices
         self.image_column = image_column
-        self.label_column = label_column
-        self.label_map = label_map
+        self.label_of = tuple(label_of)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -299,10 +391,8 @@ class Items(Dataset):
         from stellar_hf.data import to_rgb
 
         item = self.source[self.indices[index]]
-        label = item.get(self.label_column) if self.label_column else item.get("label")
-        if label is not None and self.label_map is not None:
-            label = self.label_map[label]
-        return {"image": to_rgb(item[self.image_column]), "label": label, "mask": item.get("mask")}
+        labels = [label_of(item) for label_of in self.label_of] if self.label_of else None
+        return {"image": to_rgb(item[self.image_column]), "labels": labels, "mask": item.get("mask")}
 
 
 def subset_indices(size: int, limit: int | None, seed: int) -> list[int] | None:
@@ -313,8 +403,17 @@ def subset_indices(size: int, limit: int | None, seed: int) -> list[int] | None:
     return sorted(torch.randperm(size, generator=generator)[:limit].tolist())
 
 
-def folder_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list[str] | None]:
+def split_limits(args) -> dict:
+    """Images per split asked for: `--num_train_images` / `--num_eval_images`, else `--num_images`, else None."""
+    return {
+        "train": args.num_train_images if args.num_train_images is not None else args.num_images,
+        "eval": args.num_eval_images if args.num_eval_images is not None else args.num_images,
+    }
+
+
+def folder_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list]:
     from stellar_hf.data import load_image_folder
+    from stellar_hf.evaluation import folder_probe_label
 
     folders = {"train": args.train_dir, "eval": args.eval_dir}
     loaded = {}
@@ -330,16 +429,20 @@ def folder_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, lis
             "--train_dir and --eval_dir must hold the same class subfolders; only in --train_dir: "
             f"{sorted(train - evaluation) or 'none'}, only in --eval_dir: {sorted(evaluation - train) or 'none'}"
         )
-    class_names = next(iter(loaded.values())).class_names
+    labels = [folder_probe_label(loaded["train"].class_names)] if need_labels else []
+    limits = split_limits(args)
     datasets = {
-        split: Items(folder, subset_indices(len(folder), args.num_images, args.seed))
+        split: Items(
+            folder, subset_indices(len(folder), limits[split], args.seed), label_of=[label.label_of for label in labels]
+        )
         for split, folder in loaded.items()
     }
-    return datasets, class_names
+    return datasets, labels
 
 
-def hub_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list[str] | None]:
+def hub_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list]:
     from stellar_hf.data import load_hub_dataset
+    from stellar_hf.evaluation import ProbeLabel
 
     names = {"train": args.train_split, "eval": args.eval_split}
     loaded = {}
@@ -354,7 +457,7 @@ def hub_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list[s
             )
         except (ValueError, FileNotFoundError, OSError) as error:
             fail(f"cannot load split {names[split]!r} of {args.dataset_name}: {error}")
-    label_column, label_map, class_names = None, None, None
+    labels = []
     if need_labels:
         label_column = args.label_column_name
         for split, dataset in loaded.items():
@@ -364,6 +467,7 @@ def hub_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list[s
                     f"{dataset.column_names}); pass --label_column_name"
                 )
         feature = next(iter(loaded.values())).features[label_column]
+        label_map = None
         if hasattr(feature, "names"):  # a ClassLabel: integers with names
             class_names = list(feature.names)
             for split, dataset in loaded.items():
@@ -374,43 +478,67 @@ def hub_splits(args, splits: list[str], need_labels: bool) -> tuple[dict, list[s
             values = sorted({value for dataset in loaded.values() for value in dataset.unique(label_column)}, key=str)
             label_map = {value: index for index, value in enumerate(values)}
             class_names = [str(value) for value in values]
+        labels = [
+            ProbeLabel(
+                label_column,
+                f"the {label_column!r} column of {args.dataset_name}",
+                tuple(class_names),
+                ColumnLabel(label_column, label_map),
+            )
+        ]
+    limits = split_limits(args)
     datasets = {
         split: Items(
             dataset,
-            subset_indices(len(dataset), args.num_images, args.seed),
+            subset_indices(len(dataset), limits[split], args.seed),
             image_column=args.image_column_name,
-            label_column=label_column,
-            label_map=label_map,
+            label_of=[label.label_of for label in labels],
         )
         for split, dataset in loaded.items()
     }
-    return datasets, class_names
+    return datasets, labels
 
 
-def synthetic_splits(args, splits: list[str], image_size: int) -> tuple[dict, list[str]]:
-    from stellar_hf.data import CLASS_NAMES, SyntheticScenes
+def synthetic_splits(args, splits: list[str], image_size: int, need_labels: bool) -> tuple[dict, list]:
+    """The synthetic scenes: for the probes, the Quick start's recipe (`synthetic_probe_datasets`) by default."""
+    from stellar_hf.evaluation import (
+        DEFAULT_SYNTHETIC_LABEL,
+        SYNTHETIC_PROBE_EVAL_IMAGES,
+        SYNTHETIC_PROBE_TRAIN_IMAGES,
+        synthetic_probe_datasets,
+        synthetic_probe_labels,
+    )
 
-    names = {"train": "train", "eval": "validation"}
-    num_images = args.num_images or DEFAULT_SYNTHETIC_IMAGES
-    datasets = {
-        split: Items(SyntheticScenes(num_images=num_images, image_size=image_size, split=names[split], seed=args.seed))
-        for split in splits
-    }
-    return datasets, list(CLASS_NAMES)
+    defaults = (
+        {"train": SYNTHETIC_PROBE_TRAIN_IMAGES, "eval": SYNTHETIC_PROBE_EVAL_IMAGES}
+        if args.command in CLASSIFICATION
+        else {"train": DEFAULT_SYNTHETIC_IMAGES, "eval": DEFAULT_SYNTHETIC_IMAGES}
+    )
+    sizes = {split: limit or defaults[split] for split, limit in split_limits(args).items()}
+    train, evaluation = synthetic_probe_datasets(image_size, sizes["train"], sizes["eval"], seed=args.seed)
+    labels = []
+    if need_labels:
+        available = synthetic_probe_labels()
+        chosen = args.label or DEFAULT_SYNTHETIC_LABEL
+        labels = list(available.values()) if chosen == "all" else [available[chosen]]
+    sources = {"train": train, "eval": evaluation}
+    datasets = {split: Items(sources[split], label_of=[label.label_of for label in labels]) for split in splits}
+    return datasets, labels
 
 
 def build_loaders(args, config, preprocess: Preprocess, splits: list[str], need_labels: bool, need_masks: bool):
+    """`({split: DataLoader}, [ProbeLabel] (empty without labels), {split: number of images})`."""
     if args.synthetic:
-        datasets, class_names = synthetic_splits(args, splits, config.image_size)
+        datasets, labels = synthetic_splits(args, splits, config.image_size, need_labels)
     elif args.dataset_name:
-        datasets, class_names = hub_splits(args, splits, need_labels)
+        datasets, labels = hub_splits(args, splits, need_labels)
     else:
-        datasets, class_names = folder_splits(args, splits, need_labels)
+        datasets, labels = folder_splits(args, splits, need_labels)
 
     def collate(items: list[dict]) -> dict:
         batch = {"pixel_values": preprocess([item["image"] for item in items])}
         if need_labels:
-            batch["labels"] = torch.tensor([int(item["label"]) for item in items])
+            batch["labels"] = torch.tensor([item["labels"] for item in items], dtype=torch.long)
         if need_masks:
             batch["masks"] = torch.stack([torch.as_tensor(item["mask"]).long() for item in items])
         return batch
@@ -425,7 +553,7 @@ def build_loaders(args, config, preprocess: Preprocess, splits: list[str], need_
         )
         for split, dataset in datasets.items()
     }
-    return loaders, class_names, {split: len(dataset) for split, dataset in datasets.items()}
+    return loaders, labels, {split: len(dataset) for split, dataset in datasets.items()}
 
 
 def describe_data(args) -> dict:
@@ -441,40 +569,108 @@ def describe_data(args) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def run_classification(args, model, loaders, class_names, device) -> dict:
-    from stellar_hf.evaluation import extract_features, knn_accuracy, linear_probe
+def random_init_reason(args, sizes: dict) -> str | None:
+    """None when the random-init reference is to be run, else why not."""
+    if args.random_init == "no":
+        return "not requested (--random_init no)"
+    total = sum(sizes.values())
+    if args.random_init == "auto" and total > RANDOM_INIT_AUTO_LIMIT:
+        return f"{total} images exceed the --random_init auto limit of {RANDOM_INIT_AUTO_LIMIT}; pass --random_init yes"
+    return None
 
-    progress = not args.no_progress
-    train_features, train_labels = extract_features(model, loaders["train"], args.feature, device, progress=progress)
-    eval_features, eval_labels = extract_features(model, loaders["eval"], args.feature, device, progress=progress)
-    num_classes = len(class_names) if class_names else int(torch.cat([train_labels, eval_labels]).max()) + 1
+
+def classification_scores(args, train_features, train_labels, eval_features, eval_labels, num_classes) -> dict:
+    from stellar_hf.evaluation import knn_accuracy, linear_probe
+
     if args.command == "knn":
-        scores = knn_accuracy(
+        return knn_accuracy(
             train_features, train_labels, eval_features, eval_labels, args.k, args.temperature, num_classes
         )
+    return linear_probe(
+        train_features,
+        train_labels,
+        eval_features,
+        eval_labels,
+        num_classes=num_classes,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        batch_size=args.probe_batch_size,
+        seed=args.seed,
+    )
+
+
+def run_classification(args, model, loaders, labels, sizes, device) -> dict:
+    """
+    Top-1 / top-5 of the protocol for every label, each with what it measures: the label, its classes, chance, the
+    majority-class rate and the same protocol on a randomly initialised encoder (when run).
+    """
+    from stellar_hf.evaluation import extract_features, majority_class_accuracy, random_init_encoder
+
+    progress = not args.no_progress
+    encoders = {"trained": model}
+    skipped = random_init_reason(args, sizes)
+    if skipped is None:
+        encoders["random_init"] = random_init_encoder(model.config, seed=args.seed).to(device)
+    features = {}
+    for name, encoder in encoders.items():
+        train = extract_features(encoder, loaders["train"], args.feature, device, progress=progress)
+        evaluation = extract_features(encoder, loaders["eval"], args.feature, device, progress=progress)
+        features[name] = (train, evaluation)
+    per_label = {}
+    for column, label in enumerate(labels):
+        entry = label.describe()
+        (train_features, train_labels), (eval_features, eval_labels) = features["trained"]
+        train_labels, eval_labels = train_labels[:, column], eval_labels[:, column]
+        entry["majority_class"] = majority_class_accuracy(train_labels, eval_labels)
+        for name in encoders:
+            (train_features, _), (eval_features, _) = features[name]
+            scores = classification_scores(
+                args, train_features, train_labels, eval_features, eval_labels, label.num_classes
+            )
+            prefix = "" if name == "trained" else "random_init_"
+            entry[f"{prefix}top1"] = scores["top1"]
+            # With five classes or fewer every class is in the top 5: the figure would always be 1.
+            entry[f"{prefix}top5"] = scores["top5"] if label.num_classes > 5 else None
+        if skipped is not None:
+            entry["random_init_top1"] = entry["random_init_top5"] = None
+            entry["random_init_skipped"] = skipped
+        if label.num_classes <= 5:
+            entry["top5_note"] = f"not reported: with {label.num_classes} classes every class is in the top 5"
+        per_label[label.name] = entry
+    if args.command == "knn":
         settings = {"k": args.k, "temperature": args.temperature}
     else:
-        scores = linear_probe(
-            train_features,
-            train_labels,
-            eval_features,
-            eval_labels,
-            num_classes=num_classes,
-            epochs=args.epochs,
-            learning_rate=args.learning_rate,
-            weight_decay=args.weight_decay,
-            batch_size=args.probe_batch_size,
-            seed=args.seed,
-        )
         settings = {"epochs": args.epochs, "learning_rate": args.learning_rate, "weight_decay": args.weight_decay}
-    return {
-        "top1": scores["top1"],
-        "top5": scores["top5"],
-        "chance": 1.0 / num_classes,
-        "num_classes": num_classes,
-        "feature": args.feature,
-        **settings,
-    }
+    common = {"feature": args.feature, **settings}
+    if len(per_label) == 1:
+        return {**next(iter(per_label.values())), **common}
+    return {"label": "all", "labels": per_label, **common}
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One readable line per label of a knn / linear-probe result: the figure next to what it is read against."""
+    entries = result["labels"].values() if "labels" in result else [result]
+    lines = []
+    for entry in entries:
+        line = (
+            f"{result['task']} top-1 {entry['top1']:.3f} on label {entry['label']} ({entry['label_description']}; "
+            f"{entry['num_classes']} classes): chance {entry['chance']:.3f}, majority class "
+            f"{entry['majority_class']:.3f}, "
+        )
+        if entry.get("random_init_top1") is not None:
+            line += f"random-init encoder {entry['random_init_top1']:.3f}"
+        else:
+            line += f"random-init encoder not run ({entry.get('random_init_skipped')})"
+        source = {"synthetic": "synthetic scenes", "image_folders": "image folders"}.get(
+            result["data"]["source"], result["data"]["source"]
+        )
+        line += (
+            f"; {result['feature']} feature, {result['num_train_images']} train / {result['num_eval_images']} eval "
+            f"images of {source}"
+        )
+        lines.append(line)
+    return lines
 
 
 def run_reconstruction(args, model, loaders, device) -> dict:
@@ -560,18 +756,18 @@ def main(argv=None) -> int:
     processor = load_processor(args.model)
     preprocess = Preprocess(processor, config, args.synthetic)
 
-    if args.command in ("knn", "linear-probe"):
+    if args.command in CLASSIFICATION:
         splits, need_labels = ["train", "eval"], True
     elif args.command == "reconstruction":
         splits, need_labels = (["train", "eval"] if args.train_decoder_steps else ["eval"]), False
     else:
         splits, need_labels = ["eval"], False
     need_masks = args.command == "object-discovery"
-    loaders, class_names, sizes = build_loaders(args, config, preprocess, splits, need_labels, need_masks)
+    loaders, labels, sizes = build_loaders(args, config, preprocess, splits, need_labels, need_masks)
     model = load_model(args, config, device)
 
-    if args.command in ("knn", "linear-probe"):
-        metrics = run_classification(args, model, loaders, class_names, device)
+    if args.command in CLASSIFICATION:
+        metrics = run_classification(args, model, loaders, labels, sizes, device)
     elif args.command == "reconstruction":
         metrics = run_reconstruction(args, model, loaders, device)
     else:
@@ -589,6 +785,9 @@ def main(argv=None) -> int:
         "device": str(device),
     }
     line = json.dumps(json_safe(result), allow_nan=False)
+    if args.command in CLASSIFICATION:
+        for summary in summary_lines(result):
+            print(summary, file=sys.stderr)
     if args.output_json is not None:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)
         args.output_json.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")

@@ -28,31 +28,46 @@ from transformers import get_scheduler
 
 from stellar_hf import StellarConfig, StellarImageProcessor
 from stellar_hf.checkpointing import (
+    FINAL_STAGING_NAME,
     Checkpoint,
-    CheckpointError,
     NonFiniteStateError,
+    TrainingCheckpointError,
     check_state_finite,
     describe_last_good,
-    FINAL_STAGING_NAME,
     latest_checkpoint,
     publish_files,
-    replace_atomically,
     read_checkpoint,
     remove_stale_files,
+    replace_atomically,
     save_checkpoint,
 )
+from stellar_hf.convert import CheckpointError as OriginalCheckpointError
 from stellar_hf.data import (
+    EvalTransform,
     MultiViewTransform,
     PretrainingDataset,
     StreamingPretrainingDataset,
     SyntheticScenes,
-    EvalTransform,
     collate_views,
     load_hub_dataset,
     load_image_folder,
     normalize,
 )
-from stellar_hf.evaluation import extract_features, knn_accuracy, linear_probe
+from stellar_hf.evaluation import (
+    LINEAR_PROBE_EPOCHS,
+    PROBE_BATCH_SIZE,
+    SYNTHETIC_PROBE_EVAL_IMAGES,
+    SYNTHETIC_PROBE_TRAIN_IMAGES,
+    ProbeLabel,
+    extract_features,
+    folder_probe_label,
+    knn_accuracy,
+    linear_probe,
+    probe_transform,
+    random_init_encoder,
+    synthetic_probe_datasets,
+    synthetic_probe_labels,
+)
 from stellar_hf.model_card import ProbeResults, TrainingRun, hub_id_or_none, render_model_card
 from stellar_hf.modeling_stellar import StellarForPreTraining
 
@@ -103,7 +118,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--image_column_name", default="image", help="image column of --dataset_name")
     data.add_argument("--label_column_name", default="label", help="label column, used only for logging")
     data.add_argument("--num_synthetic_images", type=int, default=8192, help="size of the synthetic train split")
-    data.add_argument("--num_synthetic_eval_images", type=int, default=1024, help="size of the synthetic eval split")
+    data.add_argument(
+        "--num_synthetic_eval_images", type=int, default=SYNTHETIC_PROBE_EVAL_IMAGES, help="size of the synthetic eval split"
+    )
     data.add_argument("--probe_train_dir", help="labelled image folder (one subfolder per class) for the final probes")
     data.add_argument("--probe_eval_dir", help="labelled image folder for the final probes' evaluation")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
@@ -327,7 +344,7 @@ def resolve_resume_path(args, output_dir: Path) -> Checkpoint | None:
     else:
         try:
             checkpoint = read_checkpoint(args.resume_from_checkpoint)
-        except CheckpointError as error:
+        except TrainingCheckpointError as error:
             raise SystemExit(f"error: --resume_from_checkpoint: {error}") from None
     if args.max_train_steps is not None and checkpoint.step > args.max_train_steps:
         raise SystemExit(
@@ -499,7 +516,7 @@ def figure_images(args, config: StellarConfig, dataset) -> torch.Tensor | None:
         return None
     if not (args.train_dir or args.dataset_name):
         scenes = SyntheticScenes(num_images=FIGURE_IMAGES, image_size=config.image_size, split="validation")
-        transform = EvalTransform(config.image_size, resize_size=config.image_size)
+        transform = probe_transform(config.image_size)
         return torch.stack([transform(scenes[index]["image"]) for index in range(FIGURE_IMAGES)])
     transform = EvalTransform(config.image_size)
     images = []
@@ -550,68 +567,71 @@ def save_images(model, images: torch.Tensor, config: StellarConfig, output_dir: 
     return written
 
 
-def probe_tasks(args) -> dict | None:
+def probe_labels(args) -> dict[str, ProbeLabel] | None:
     """
-    The labelled tasks of the final probes: `{task: label_of(item)}`, or None when the run has no labelled data.
+    The labels the final probes predict (`{name: ProbeLabel}`), or None when the run has no labelled data.
 
-    On the synthetic scenes there are two: the colour and the shape of the dominant object. Colour shows what a
-    short CPU run learns; position-invariant shape recognition needs far longer training (see docs/training.md).
+    On the synthetic scenes there are two (`stellar_hf.evaluation.synthetic_probe_labels`): the colour and the shape
+    of the dominant object. Colour shows what a short CPU run learns; position-invariant shape recognition needs far
+    longer training (see docs/training.md). `examples/evaluate.py knn --model OUTPUT_DIR` reproduces these figures.
     """
     if args.probe_train_dir:
-        return {"class": lambda item: int(item["label"])}
+        return {"class": folder_probe_label(load_image_folder(args.probe_train_dir, labels=True).class_names)}
     if args.train_dir or args.dataset_name:
         return None
-    return {
-        "dominant_color": lambda item: int(item["colors"][item["dominant_id"] - 1]),
-        "dominant_shape": lambda item: int(item["label"]),
-    }
+    return synthetic_probe_labels()
 
 
-def probe_loaders(args, config: StellarConfig, tasks: dict) -> tuple[DataLoader, DataLoader]:
-    """(train, eval) loaders of normalised images with `labels` `(B, num_tasks)`, one column per task."""
-    transform = EvalTransform(config.image_size, resize_size=config.image_size)
+def probe_loaders(args, config: StellarConfig, labels: dict[str, ProbeLabel]) -> tuple[DataLoader, DataLoader]:
+    """(train, eval) loaders of normalised images with `labels` `(B, num_labels)`, one column per label."""
+    transform = probe_transform(config.image_size)
     if args.probe_train_dir:
         train = load_image_folder(args.probe_train_dir, labels=True)
         evaluation = load_image_folder(args.probe_eval_dir, labels=True)
         if train.class_names != evaluation.class_names:
             raise ValueError("--probe_train_dir and --probe_eval_dir must have the same class subfolders")
     else:
-        size = config.image_size
-        train = SyntheticScenes(num_images=min(args.num_synthetic_images, 2048), image_size=size, split="train")
-        evaluation = SyntheticScenes(num_images=args.num_synthetic_eval_images, image_size=size, split="validation")
+        train, evaluation = synthetic_probe_datasets(
+            config.image_size,
+            min(args.num_synthetic_images, SYNTHETIC_PROBE_TRAIN_IMAGES),
+            args.num_synthetic_eval_images,
+        )
 
     def collate(items):
         images = torch.stack([transform(item["image"]) for item in items])
-        labels = torch.tensor([[label_of(item) for label_of in tasks.values()] for item in items])
-        return {"pixel_values": normalize(images, config.image_mean, config.image_std), "labels": labels}
+        columns = torch.tensor([[label.label_of(item) for label in labels.values()] for item in items])
+        return {"pixel_values": normalize(images, config.image_mean, config.image_std), "labels": columns}
 
-    return DataLoader(train, batch_size=128, collate_fn=collate), DataLoader(evaluation, batch_size=128, collate_fn=collate)
+    return (
+        DataLoader(train, batch_size=PROBE_BATCH_SIZE, collate_fn=collate),
+        DataLoader(evaluation, batch_size=PROBE_BATCH_SIZE, collate_fn=collate),
+    )
 
 
 def run_probes(model, args, config, accelerator) -> dict | None:
-    """kNN and linear-probe top-1 per task for the trained encoder and, as a reference, a randomly initialised one."""
-    tasks = probe_tasks(args)
-    if tasks is None:
+    """kNN and linear-probe top-1 per label for the trained encoder and, as a reference, a randomly initialised one."""
+    labels = probe_labels(args)
+    if labels is None:
         return None
-    train_loader, eval_loader = probe_loaders(args, config, tasks)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        untrained = type(accelerator.unwrap_model(model).stellar)(config).to(accelerator.device)
+    train_loader, eval_loader = probe_loaders(args, config, labels)
+    untrained = random_init_encoder(config, seed=args.seed).to(accelerator.device)
     results = {}
     for name, encoder in (("trained", accelerator.unwrap_model(model).stellar), ("random_init", untrained)):
         train_features, train_labels = extract_features(encoder, train_loader, device=accelerator.device, progress=True)
         eval_features, eval_labels = extract_features(encoder, eval_loader, device=accelerator.device, progress=True)
-        for column, task in enumerate(tasks):
-            labels = train_labels[:, column], eval_labels[:, column]
-            num_classes = int(torch.cat(labels).max()) + 1
-            scores = results.setdefault(task, {"chance": 1.0 / num_classes})
+        for column, label in enumerate(labels.values()):
+            targets = train_labels[:, column], eval_labels[:, column]
+            # The class count is the label's, not the highest index seen: a class absent from a small split would
+            # otherwise overstate chance and shrink the probe.
+            scores = results.setdefault(label.name, {"chance": label.chance})
             prefix = "" if name == "trained" else "random_init_"
             scores[f"{prefix}knn_top1"] = knn_accuracy(
-                train_features, labels[0], eval_features, labels[1], num_classes=num_classes
+                train_features, targets[0], eval_features, targets[1], num_classes=label.num_classes
             )["top1"]
             scores[f"{prefix}linear_probe_top1"] = linear_probe(
-                train_features, labels[0], eval_features, labels[1], num_classes=num_classes, epochs=30
-            )["top1"]
+                train_features, targets[0], eval_features, targets[1], num_classes=label.num_classes,
+                epochs=LINEAR_PROBE_EPOCHS,
+            )["top1"]  # fmt: skip
     results["num_probe_images"] = {"train": len(train_labels), "eval": len(eval_labels)}
     return results
 
@@ -661,7 +681,11 @@ def train(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     set_seed(args.seed)
 
-    model = build_model(args)
+    try:
+        model = build_model(args)
+    except OriginalCheckpointError as error:
+        # Unreadable weights, or a Hub id that cannot be downloaded (offline): the message says what to do.
+        raise SystemExit(f"error: {error}") from None
     config = model.config
     dataset, data_description = build_dataset(args, config)
     loader = DataLoader(
@@ -807,7 +831,7 @@ def train(args: argparse.Namespace) -> int:
                 except NonFiniteStateError as error:
                     failure = str(error)
                     break
-                except CheckpointError as error:
+                except TrainingCheckpointError as error:
                     accelerator.end_training()
                     raise SystemExit(f"error: {error}") from None
             if completed_steps % image_every == 0 and accelerator.is_main_process:

@@ -48,11 +48,11 @@ FINAL_STAGING_NAME = ".final.partial"
 MARKER_FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
+class TrainingCheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message says which and why."""
 
 
-class NonFiniteStateError(CheckpointError):
+class NonFiniteStateError(TrainingCheckpointError):
     """The training state holds NaN or infinite values, so it is not saved."""
 
 
@@ -148,30 +148,30 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """
     Check that `path` is a complete checkpoint and return it.
 
-    Raises `CheckpointError` naming what is wrong: not a folder, no marker (the write was interrupted), an unreadable
+    Raises `TrainingCheckpointError` naming what is wrong: not a folder, no marker (the write was interrupted), an unreadable
     marker, a step that does not match the folder name, or a file that is missing or has another size than when it
     was written (truncated or replaced since).
     """
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path} is not a folder")
+        raise TrainingCheckpointError(f"{path} is not a folder")
     marker = path / MARKER_NAME
     if not marker.is_file():
-        raise CheckpointError(f"{path} has no {MARKER_NAME}: its write did not finish (or it is not a checkpoint)")
+        raise TrainingCheckpointError(f"{path} has no {MARKER_NAME}: its write did not finish (or it is not a checkpoint)")
     try:
         record = json.loads(marker.read_text(encoding="utf-8"))
         step = int(record["completed_steps"])
     except (ValueError, KeyError, TypeError) as error:
-        raise CheckpointError(f"{marker} is unreadable ({error}): the checkpoint is incomplete") from error
+        raise TrainingCheckpointError(f"{marker} is unreadable ({error}): the checkpoint is incomplete") from error
     match = CHECKPOINT_PATTERN.match(path.name)
     if match and int(match.group(1)) != step:
-        raise CheckpointError(f"{marker} says step {step} but the folder is named {path.name}")
+        raise TrainingCheckpointError(f"{marker} says step {step} but the folder is named {path.name}")
     for name, size in (record.get("files") or {}).items():
         file = path / name
         if not file.is_file():
-            raise CheckpointError(f"{path} lacks {name}, which was written with it")
+            raise TrainingCheckpointError(f"{path} lacks {name}, which was written with it")
         if file.stat().st_size != size:
-            raise CheckpointError(f"{file} has {file.stat().st_size} bytes, {size} were written: it was truncated")
+            raise TrainingCheckpointError(f"{file} has {file.stat().st_size} bytes, {size} were written: it was truncated")
     if record.get("files") is None:
         logger.info("%s was written before checkpoints listed their files; its files are not size-checked", path)
     return Checkpoint(path, step, dict(record.get("extra") or {}))
@@ -190,7 +190,7 @@ def find_checkpoints(output_dir: str | os.PathLike) -> tuple[list[Checkpoint], l
             continue
         try:
             complete.append(read_checkpoint(path))
-        except CheckpointError as error:
+        except TrainingCheckpointError as error:
             skipped.append((path, str(error)))
     complete.sort(key=lambda checkpoint: checkpoint.step)
     skipped.sort()
@@ -311,7 +311,7 @@ def save_checkpoint(
     Returns:
         The new complete `Checkpoint`.
     Raises:
-        `NonFiniteStateError`, or `CheckpointError` when the write fails (a full disk, say): the staging folder is
+        `NonFiniteStateError`, or `TrainingCheckpointError` when the write fails (a full disk, say): the staging folder is
         removed and every earlier checkpoint is left as it was.
     """
     output_dir = Path(output_dir)
@@ -341,7 +341,7 @@ def save_checkpoint(
         if accelerator.is_main_process:
             shutil.rmtree(staging, ignore_errors=True)
         accelerator.wait_for_everyone()
-        raise CheckpointError(
+        raise TrainingCheckpointError(
             f"writing {final.name} failed ({errors[0]}); nothing was replaced or deleted, "
             f"{describe_last_good(output_dir)}"
         )
@@ -396,7 +396,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, limit: int) -> list[Path]:
 __all__ = [
     "FINAL_STAGING_NAME",
     "Checkpoint",
-    "CheckpointError",
+    "TrainingCheckpointError",
     "NonFiniteStateError",
     "check_state_finite",
     "describe_last_good",

@@ -19,12 +19,17 @@ the spec; MAE's fixed sin-cos table is copied like learned ones), the patch embe
 LayerNorm. The sparse tokens and the factorization are STELLAR's own and keep their initialisation. Poolers,
 classifier heads, mask tokens and MAE decoders are ignored. Files are read without executing pickled code.
 
+Hub ids: with `HF_HUB_OFFLINE=1` nothing is requested from the network and the Hugging Face cache is used; online, a
+Hub that cannot be reached falls back to the cache too. When neither works, [`HubDownloadError`] (a
+`CheckpointError`) names the id and says what to do (see [`hub_download_advice`]).
+
 Not imported by `stellar_hf/__init__.py`.
 """
 
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,7 +42,16 @@ from .modeling_stellar import StellarModel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["load_encoder_weights", "read_backbone", "resize_position_embeddings", "timm_to_vit_names"]
+__all__ = [
+    "HubDownloadError",
+    "hub_download_advice",
+    "hub_offline",
+    "is_network_error",
+    "load_encoder_weights",
+    "read_backbone",
+    "resize_position_embeddings",
+    "timm_to_vit_names",
+]
 
 # timm `VisionTransformer` names -> transformers 5.x `ViTModel` names; from there `stellar_hf.convert`'s key table
 # takes over. The fused `attn.qkv` is split separately.
@@ -111,11 +125,125 @@ def _read_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return state_dict, config
 
 
-def _download(repo_id: str, revision: str | None = None) -> Path:
-    """Fetch a Hub repository's config and weights (safetensors when it has them) with `huggingface_hub`."""
-    from huggingface_hub import HfApi, snapshot_download
+class HubDownloadError(CheckpointError):
+    """A Hub id could not be downloaded (no network, offline mode, not cached, no such repository); the message names
+    the id and says what to do."""
 
-    files = set(HfApi().list_repo_files(repo_id, revision=revision))
+
+_TRUE_VALUES = {"1", "ON", "YES", "TRUE"}
+# Transport errors of the HTTP clients huggingface_hub has used (httpx2, httpx, requests, urllib3, and their cores):
+# connection refused, name resolution, timeouts.
+_NETWORK_ERROR_MODULES = ("httpx2", "httpx", "httpcore2", "httpcore", "requests", "urllib3")
+_NETWORK_ERROR_NAMES = {
+    "TransportError",
+    "NetworkError",
+    "ConnectError",
+    "ConnectTimeout",
+    "TimeoutException",
+    "ConnectionError",
+    "Timeout",
+    "ReadTimeout",
+    "ProxyError",
+    "NewConnectionError",
+    "MaxRetryError",
+}
+
+
+def hub_offline() -> bool:
+    """Whether Hugging Face offline mode is on: `HF_HUB_OFFLINE` as set now, else as huggingface_hub read it."""
+    value = os.environ.get("HF_HUB_OFFLINE")
+    if value is not None:
+        return value.strip().upper() in _TRUE_VALUES
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def is_network_error(error: BaseException) -> bool:
+    """Whether `error` says the Hub could not be reached (rather than that it answered no)."""
+    if isinstance(error, (ConnectionError, TimeoutError)):  # huggingface_hub's OfflineModeIsEnabled included
+        return True
+    return any(
+        cls.__name__ in _NETWORK_ERROR_NAMES and cls.__module__.split(".")[0] in _NETWORK_ERROR_MODULES
+        for cls in type(error).__mro__
+    )
+
+
+def _hub_cache() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def hub_download_advice(repo_id: str, offline: bool = False) -> str:
+    """What to do when the Hub id `repo_id` cannot be downloaded here (`offline`: because HF_HUB_OFFLINE is set)."""
+    fetch = (
+        f"download it where there is network access with `hf download {repo_id}` (older huggingface_hub: "
+        f"`huggingface-cli download {repo_id}`) and copy that Hugging Face cache into {_hub_cache()} (HF_HUB_CACHE)"
+    )
+    if offline:
+        return (
+            f"To use it, {fetch}; or pass a local folder or weights file instead; or unset HF_HUB_OFFLINE to download it."
+        )
+    return (
+        "Check the network connection (and any proxy or HF_ENDPOINT setting); or "
+        f"{fetch} and set HF_HUB_OFFLINE=1 to read it from there without network access; or pass a local folder or "
+        "weights file instead of the Hub id."
+    )
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot of `repo_id` (no network request); raises huggingface_hub's LocalEntryNotFoundError."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+
+
+def _download(repo_id: str, revision: str | None = None) -> Path:
+    """
+    Fetch a Hub repository's config and weights (safetensors when it has them) with `huggingface_hub`, or take them
+    from the cache: always in offline mode, and online when the Hub cannot be reached.
+
+    Raises:
+        HubDownloadError: the repository cannot be downloaded nor found in the cache; the message says what to do.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    what = repo_id + (f" (revision {revision})" if revision else "")
+    if hub_offline():
+        try:
+            return _cached_snapshot(repo_id, revision)
+        except (OSError, ValueError) as error:
+            raise HubDownloadError(
+                f"cannot load the Hub id {what}: HF_HUB_OFFLINE is set, so nothing is downloaded, and it is not in the "
+                f"Hugging Face cache {_hub_cache()} ({type(error).__name__}). "
+                + hub_download_advice(repo_id, offline=True)
+            ) from None
+    try:
+        files = set(HfApi().list_repo_files(repo_id, revision=revision))
+    except (GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError) as error:
+        # Gated first: it is a kind of RepositoryNotFoundError.
+        if isinstance(error, GatedRepoError):
+            reason = "it is a gated repository: accept its terms on the Hub and log in (`hf auth login`)"
+        elif isinstance(error, RevisionNotFoundError):
+            reason = f"it has no revision {revision!r}"
+        else:
+            reason = "no such repository on the Hub, or a private one (log in with `hf auth login`)"
+        raise HubDownloadError(f"cannot download {what} from the Hugging Face Hub: {reason}") from error
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        try:
+            cached = _cached_snapshot(repo_id, revision)
+        except (OSError, ValueError):
+            raise HubDownloadError(
+                f"cannot download {what} from the Hugging Face Hub: the Hub could not be reached "
+                f"({type(error).__name__}: {error}) and it is not in the Hugging Face cache. "
+                f"{hub_download_advice(repo_id)}"
+            ) from None
+        logger.warning("the Hub could not be reached (%s); using the cached copy of %s at %s", error, what, cached)
+        return cached
     for weights, shards in (("model.safetensors", "model-*.safetensors"), ("pytorch_model.bin", "pytorch_model-*.bin")):
         if weights in files:
             patterns = [weights]
@@ -128,7 +256,29 @@ def _download(repo_id: str, revision: str | None = None) -> Path:
         if len(candidates) != 1:
             raise CheckpointError(f"cannot tell which file of {repo_id} holds the backbone's weights: {candidates}")
         patterns = candidates
-    return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *patterns]))
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=["config.json", *patterns]))
+    except Exception as error:
+        if not is_network_error(error):
+            raise
+        raise HubDownloadError(
+            f"cannot download {what} from the Hugging Face Hub: the connection failed during the download "
+            f"({type(error).__name__}: {error}). {hub_download_advice(repo_id)}"
+        ) from None
+
+
+def _read_hub_snapshot(repo_id: str, revision: str | None) -> tuple[dict[str, torch.Tensor], dict | None]:
+    folder = _download(repo_id, revision)
+    try:
+        return _read_folder(folder)
+    except CheckpointError as error:
+        if folder.is_dir() and not any(path.suffix in _WEIGHTS_SUFFIXES for path in folder.iterdir()):
+            raise HubDownloadError(
+                f"the copy of {repo_id} in the Hugging Face cache ({folder}) holds no weights file (only "
+                f"{sorted(path.name for path in folder.iterdir()) or 'nothing'}). "
+                + hub_download_advice(repo_id, offline=hub_offline())
+            ) from error
+        raise
 
 
 def read_backbone(
@@ -137,8 +287,12 @@ def read_backbone(
     """
     The state dict of a backbone and, for transformers folders, its `config.json` as a dict (else `None`).
 
-    `source` is a state dict, a weights file, a folder, or a Hub id (downloaded with `huggingface_hub`; `revision`
-    picks a branch, tag or commit).
+    `source` is a state dict, a weights file, a folder, or a Hub id (downloaded with `huggingface_hub`, or read from
+    its cache with `HF_HUB_OFFLINE=1` or when the Hub cannot be reached; `revision` picks a branch, tag or commit).
+
+    Raises:
+        HubDownloadError: a Hub id that can be neither downloaded nor found in the cache.
+        CheckpointError: anything else that cannot be read.
     """
     if isinstance(source, Mapping):
         return dict(source), None
@@ -148,7 +302,7 @@ def read_backbone(
     if path.is_file():
         return read_state_dict(path), None
     if isinstance(source, str) and _HUB_ID.match(source) and not source.endswith(_WEIGHTS_SUFFIXES):
-        return _read_folder(_download(source, revision))
+        return _read_hub_snapshot(source, revision)
     raise CheckpointError(f"{source} is neither a weights file, a folder, nor a Hub id")
 
 
@@ -293,6 +447,7 @@ def load_encoder_weights(
     Raises:
         CheckpointError: unreadable source, not a ViT, a width, patch size or channel mismatch, or (strict) missing /
             unused weights, all named.
+        HubDownloadError: (a `CheckpointError`) a Hub id that cannot be downloaded nor found in the cache.
     """
     encoder = model if isinstance(model, StellarModel) else getattr(model, "stellar", None)
     if not isinstance(encoder, StellarModel):

@@ -3,6 +3,11 @@ metrics.
 
 - Features: [`extract_features`], [`select_feature`].
 - Classification probes: [`knn_classify`] / [`knn_accuracy`] (DINO's weighted kNN), [`linear_probe`].
+- What a probe figure measures: [`ProbeLabel`] (the label's name, classes and chance), the synthetic scenes' labels
+  ([`synthetic_probe_labels`]: `dominant_color`, `dominant_shape`), [`folder_probe_label`] (`class`, the subfolder),
+  and the probe recipe of `examples/pretrain.py`'s final evaluation, the Quick start's figures
+  ([`synthetic_probe_datasets`], [`probe_transform`], [`random_init_encoder`], `SYNTHETIC_PROBE_*_IMAGES`,
+  `PROBE_BATCH_SIZE`), which `examples/evaluate.py` uses by default.
 - Reconstruction: [`psnr`], [`ssim`] (always available), [`lpips`] and [`frechet_distance`] on Inception features
   (only with locally available network weights: [`load_lpips`], [`load_inception`] raise [`MetricUnavailable`] with
   the reason otherwise), [`ReconstructionMetrics`] to accumulate them over batches, [`train_reconstruction_probe`]
@@ -17,7 +22,8 @@ Imported by the examples and benchmarks, never by the model files. Optional depe
 
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +197,149 @@ def linear_probe(
     with torch.no_grad():
         scores = probe(test_features)
     return {"top1": _topk_accuracy(scores, test_labels, 1), "top5": _topk_accuracy(scores, test_labels, 5)}
+
+
+def majority_class_accuracy(train_labels: torch.Tensor, eval_labels: torch.Tensor) -> float:
+    """Top-1 of always answering the training split's most frequent class: the floor of an imbalanced split."""
+    if train_labels.numel() == 0 or eval_labels.numel() == 0:
+        raise ValueError("the majority-class baseline needs labelled training and evaluation images")
+    majority = torch.bincount(train_labels.long().flatten()).argmax()
+    return (eval_labels.long() == majority).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a probe figure measures, and the probe recipe of the Quick start
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProbeLabel:
+    """
+    The label a kNN or linear probe predicts: every figure carries its `name`, `num_classes` and `chance`.
+
+    Attributes:
+        name: short name written with every figure (`dominant_color`, `dominant_shape`, `class`, a dataset column).
+        description: one line for a reader, e.g. "class (subfolder)".
+        class_names: the classes in label-index order.
+        label_of: `item -> class index` for the items of the label's dataset.
+    """
+
+    name: str
+    description: str
+    class_names: tuple[str, ...]
+    label_of: Callable[[dict], int] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def chance(self) -> float:
+        """Top-1 of a uniform random guess: `1 / num_classes`."""
+        return 1.0 / self.num_classes
+
+    def describe(self) -> dict:
+        """`{"label", "label_description", "num_classes", "chance"}`: what to write next to a figure."""
+        return {
+            "label": self.name,
+            "label_description": self.description,
+            "num_classes": self.num_classes,
+            "chance": self.chance,
+        }
+
+
+def dominant_color_label(item: dict) -> int:
+    """A synthetic scene's label `dominant_color`: the colour (index into `COLOR_NAMES`) of its largest object."""
+    return int(item["colors"][item["dominant_id"] - 1])
+
+
+def dominant_shape_label(item: dict) -> int:
+    """A synthetic scene's label `dominant_shape`: the shape (index into `CLASS_NAMES`) of its largest object."""
+    return int(item["label"])
+
+
+def class_label(item: dict) -> int:
+    """An image folder item's label `class`: the index of its class subfolder."""
+    return int(item["label"])
+
+
+# The labels of the synthetic scenes, in the order the Quick start reports them; colour is its headline figure
+# (a short CPU run learns it; shape stays near chance at that budget).
+SYNTHETIC_LABEL_NAMES = ("dominant_color", "dominant_shape")
+DEFAULT_SYNTHETIC_LABEL = "dominant_color"
+# The probe recipe of `examples/pretrain.py`'s final evaluation on the synthetic scenes (the Quick start's figures):
+# the first `min(--num_synthetic_images, 2048)` scenes of the "train" split to fit on, 1024 (its
+# `--num_synthetic_eval_images`) of the "validation" split to evaluate on, rendered at the model's size, base seed 0;
+# features of the pooled sparse tokens in batches of 128; kNN k=20, T=0.07; linear probe 30 epochs, AdamW lr 1e-3,
+# no weight decay, batches of 256, seed 0 (the defaults of `knn_accuracy` and `linear_probe`).
+SYNTHETIC_PROBE_TRAIN_IMAGES = 2048
+SYNTHETIC_PROBE_EVAL_IMAGES = 1024
+SYNTHETIC_PROBE_SEED = 0
+PROBE_BATCH_SIZE = 128
+LINEAR_PROBE_EPOCHS = 30
+
+
+def synthetic_probe_labels() -> dict[str, ProbeLabel]:
+    """`{name: ProbeLabel}` of the synthetic scenes: `dominant_color` (8 colours) and `dominant_shape` (6 shapes)."""
+    from .data import CLASS_NAMES, COLOR_NAMES
+
+    return {
+        "dominant_color": ProbeLabel(
+            "dominant_color",
+            "colour of each scene's dominant (largest) object",
+            tuple(COLOR_NAMES),
+            dominant_color_label,
+        ),
+        "dominant_shape": ProbeLabel(
+            "dominant_shape",
+            "shape of each scene's dominant (largest) object",
+            tuple(CLASS_NAMES),
+            dominant_shape_label,
+        ),
+    }
+
+
+def folder_probe_label(class_names: Sequence[str]) -> ProbeLabel:
+    """The label `class` of an image folder with one subfolder per class."""
+    return ProbeLabel("class", "class (subfolder)", tuple(class_names), class_label)
+
+
+def synthetic_probe_datasets(
+    image_size: int,
+    num_train_images: int = SYNTHETIC_PROBE_TRAIN_IMAGES,
+    num_eval_images: int = SYNTHETIC_PROBE_EVAL_IMAGES,
+    seed: int = SYNTHETIC_PROBE_SEED,
+):
+    """
+    The probes' `(train, eval)` synthetic scenes: the "train" and "validation" splits (separate seed streams) at
+    `image_size`, as `stellar_hf.data.SyntheticScenes`.
+    """
+    from .data import SyntheticScenes
+
+    train = SyntheticScenes(num_images=num_train_images, image_size=image_size, split="train", seed=seed)
+    evaluation = SyntheticScenes(num_images=num_eval_images, image_size=image_size, split="validation", seed=seed)
+    return train, evaluation
+
+
+def probe_transform(image_size: int):
+    """The probes' preprocessing of synthetic scenes: `EvalTransform(image_size, resize_size=image_size)` (then
+    normalise with the config's mean and std)."""
+    from .data import EvalTransform
+
+    return EvalTransform(image_size, resize_size=image_size)
+
+
+def random_init_encoder(config, seed: int = 0) -> nn.Module:
+    """
+    The reference every trained figure is read against: a `StellarModel(config)` as initialised under
+    `torch.manual_seed(seed)` (the global RNG state is restored afterwards), in eval mode on the CPU.
+    """
+    from .modeling_stellar import StellarModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = StellarModel(config)
+    return encoder.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -895,16 +1044,28 @@ def evaluate_object_discovery(
 
 
 __all__ = [
+    "DEFAULT_SYNTHETIC_LABEL",
     "FEATURES",
+    "LINEAR_PROBE_EPOCHS",
     "LPIPS_NETS",
     "LinearProbe",
+    "PROBE_BATCH_SIZE",
+    "ProbeLabel",
+    "SYNTHETIC_LABEL_NAMES",
+    "SYNTHETIC_PROBE_EVAL_IMAGES",
+    "SYNTHETIC_PROBE_SEED",
+    "SYNTHETIC_PROBE_TRAIN_IMAGES",
     "MetricUnavailable",
     "ReconstructionMetrics",
     "adjusted_rand_index",
     "build_reconstruction_metrics",
+    "class_label",
+    "dominant_color_label",
+    "dominant_shape_label",
     "evaluate_object_discovery",
     "evaluate_reconstruction",
     "extract_features",
+    "folder_probe_label",
     "frechet_distance",
     "grid_blocks",
     "grid_partition",
@@ -913,14 +1074,19 @@ __all__ = [
     "knn_accuracy",
     "knn_classify",
     "linear_probe",
+    "majority_class_accuracy",
     "load_inception",
     "load_lpips",
     "lpips",
     "object_discovery_scores",
+    "probe_transform",
     "psnr",
+    "random_init_encoder",
     "reinitialize_reconstruction_modules",
     "select_feature",
     "spatial_map_segments",
     "ssim",
+    "synthetic_probe_datasets",
+    "synthetic_probe_labels",
     "train_reconstruction_probe",
 ]

@@ -2,6 +2,7 @@
 ViT / MAE backbones holds exactly their weights and computes what they compute."""
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,3 +363,125 @@ def test_sources_that_are_not_vit_backbones(tmp_path):
     with pytest.raises(CheckpointError, match="prefix="):
         load_encoder_weights(model, both)
     assert len(load_encoder_weights(model, both, prefix="teacher.")) == 4 + 16 * DEPTH + 2
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hub ids without network: offline mode reads the cache only; an unreachable Hub gives one clear error
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a host name or open a connection fails the test."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hugging Face cache of this test's own, whatever this machine has downloaded."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf_cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_repository(cache: Path, repo_id: str, backbone) -> None:
+    """Put `backbone` into `cache` in the layout `huggingface_hub` writes (refs/main -> snapshots/<commit>/)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = cache / f"models--{repo_id.replace('/', '--')}"
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / "main").write_text(commit)
+    backbone.save_pretrained(repository / "snapshots" / commit)
+
+
+def test_offline_mode_reads_the_cache_and_never_the_network(hub_cache, no_network, monkeypatch):
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = StellarModel(stellar_config()).eval()
+    started = time.monotonic()
+    with pytest.raises(encoder_init.HubDownloadError) as error:
+        load_encoder_weights(model, "facebook/vit-mae-base")
+    assert time.monotonic() - started < 5
+    message = str(error.value)
+    assert "facebook/vit-mae-base" in message and "HF_HUB_OFFLINE is set" in message and str(hub_cache) in message
+    assert "hf download facebook/vit-mae-base" in message and "local folder" in message
+    assert isinstance(error.value, CheckpointError)  # callers that catch CheckpointError keep working
+
+    backbone = vit_mae()
+    cache_repository(hub_cache, "stellar-test/tiny-mae", backbone)
+    load_encoder_weights(model, "stellar-test/tiny-mae")
+    assert_weights_equal(model, backbone)
+
+
+def transport_error(message: str) -> Exception:
+    """A connection error of the HTTP client huggingface_hub uses here (httpx2, httpx, or the builtin one)."""
+    for module_name in ("httpx2", "httpx"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        return module.ConnectError(message)
+    return ConnectionError(message)
+
+
+def test_an_unreachable_hub_gives_one_clear_error_or_the_cached_copy(hub_cache, no_network, monkeypatch, caplog):
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    requested = []
+
+    def unreachable(self, repo_id, **kwargs):
+        requested.append(repo_id)
+        raise transport_error("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", unreachable)
+    model = StellarModel(stellar_config()).eval()
+    with pytest.raises(encoder_init.HubDownloadError) as error:
+        load_encoder_weights(model, "facebook/vit-mae-base")
+    assert requested == ["facebook/vit-mae-base"]
+    message = str(error.value)
+    assert "cannot download facebook/vit-mae-base" in message and "could not be reached" in message
+    assert "Name or service not known" in message and "check the network" in message.lower()
+    assert "hf download facebook/vit-mae-base" in message and "HF_HUB_OFFLINE=1" in message
+    assert "local folder" in message and "Traceback" not in message
+
+    backbone = vit_mae()
+    cache_repository(hub_cache, "stellar-test/tiny-mae", backbone)
+    with caplog.at_level("WARNING", logger="stellar_hf.encoder_init"):
+        load_encoder_weights(model, "stellar-test/tiny-mae")
+    assert_weights_equal(model, backbone)
+    assert "using the cached copy of stellar-test/tiny-mae" in caplog.text
+
+
+def test_a_cached_copy_without_weights_says_so(hub_cache, no_network, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repository = hub_cache / "models--stellar-test--config-only"
+    (repository / "refs").mkdir(parents=True)
+    (repository / "refs" / "main").write_text(commit)
+    (repository / "snapshots" / commit).mkdir(parents=True)
+    (repository / "snapshots" / commit / "config.json").write_text("{}")
+    with pytest.raises(encoder_init.HubDownloadError, match="holds no weights file") as error:
+        load_encoder_weights(StellarModel(stellar_config()), "stellar-test/config-only")
+    assert "hf download stellar-test/config-only" in str(error.value)
+
+
+def test_network_errors_are_told_from_answers():
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    assert encoder_init.is_network_error(transport_error("refused"))
+    assert encoder_init.is_network_error(OfflineModeIsEnabled("offline"))
+    assert encoder_init.is_network_error(TimeoutError())
+    assert not encoder_init.is_network_error(ValueError("bad id"))
+    assert not encoder_init.is_network_error(FileNotFoundError("missing"))

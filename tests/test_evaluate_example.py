@@ -97,13 +97,21 @@ def test_knn_on_image_folders(workspace):
         workspace=workspace,
     )  # fmt: skip
     assert metrics["task"] == "knn" and metrics["k"] == 5 and metrics["feature"] == "pooled"
-    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    # The figure says what it measures: the label, its classes, chance, and the references it is read against.
+    assert metrics["label"] == "class" and metrics["label_description"] == "class (subfolder)"
     assert metrics["num_classes"] == 3 and metrics["chance"] == pytest.approx(1 / 3)
+    assert metrics["majority_class"] == pytest.approx(1 / 3)  # 3 eval images per class
+    assert 0.0 <= metrics["top1"] <= 1.0 and 0.0 <= metrics["random_init_top1"] <= 1.0
+    # Three classes are always all in the top 5: no top-5 figure, and why.
+    assert metrics["top5"] is None and metrics["random_init_top5"] is None and "3 classes" in metrics["top5_note"]
     assert metrics["num_train_images"] == 18 and metrics["num_eval_images"] == 9
     assert metrics["preprocessing"] == "EvalTransform" and metrics["data"]["source"] == "image_folders"
     assert json.loads(output.read_text()) == metrics
-    # Exactly one JSON line on stdout, the last one.
+    # Exactly one JSON line on stdout, the last one; the readable line, on stderr, names the label next to chance.
     assert sum(line.startswith("{") for line in result.stdout.splitlines()) == 1
+    summary = next(line for line in result.stderr.splitlines() if line.startswith("knn top-1"))
+    assert f"knn top-1 {metrics['top1']:.3f} on label class (class (subfolder); 3 classes): chance 0.333" in summary
+    assert f"random-init encoder {metrics['random_init_top1']:.3f}" in summary and "18 train / 9 eval" in summary
 
 
 def test_reconstruction_with_decoder_probe_on_synthetic_scenes(workspace, tmp_path):
@@ -135,8 +143,9 @@ def test_linear_probe_on_a_saved_dataset(workspace, capsys):
     assert evaluate_example.main([*arguments, "--feature", "cls", "--epochs", "3", "--num_images", "12", "--no_progress"]) == 0  # fmt: skip
     metrics = last_json_line(capsys)
     assert metrics["task"] == "linear-probe" and metrics["feature"] == "cls" and metrics["epochs"] == 3
-    assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
+    assert 0.0 <= metrics["top1"] <= 1.0 and metrics["top5"] is None
     assert metrics["num_train_images"] == 12 and metrics["num_eval_images"] == 9 and metrics["num_classes"] == 3
+    assert metrics["label"] == "label" and "'label' column" in metrics["label_description"]
     assert metrics["data"] == {"source": str(workspace / "dataset"), "config": None, "train_split": "train", "eval_split": "validation"}  # fmt: skip
 
 
@@ -210,3 +219,149 @@ def test_bad_arguments_give_clear_errors(workspace, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_example.parse_args(["knn"])  # --model is required
     assert "--model" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# On the synthetic scenes the probes are the Quick start's: the same label, images, preprocessing and settings
+# ----------------------------------------------------------------------------------------------------------------------
+
+PRETRAIN_SCRIPT = REPO_ROOT / "examples" / "pretrain.py"
+TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY.items())
+
+
+def load_pretrain_script():
+    spec = importlib.util.spec_from_file_location("pretrain_example_for_evaluate", PRETRAIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_synthetic_defaults_are_the_quick_start_probe_recipe(workspace):
+    """evaluate.py's default synthetic splits are pretrain.py's final-probe splits, image for image, label for label."""
+    import inspect
+
+    from stellar_hf.evaluation import knn_accuracy, linear_probe
+
+    pretrain = load_pretrain_script()
+    pretrain_args = pretrain.parse_args([])  # the Quick start: no arguments
+    tasks = pretrain.probe_labels(pretrain_args)
+    config = StellarConfig(**TINY)
+    quick_loaders = dict(zip(("train", "eval"), pretrain.probe_loaders(pretrain_args, config, tasks)))
+
+    model = str(workspace / "model")
+    preprocess = evaluate_example.Preprocess(None, config, synthetic=True)
+    args = evaluate_example.parse_args(["knn", "--model", model, "--label", "all"])
+    loaders, labels, sizes = evaluate_example.build_loaders(args, config, preprocess, ["train", "eval"], True, False)
+    assert [label.name for label in labels] == list(tasks) == ["dominant_color", "dominant_shape"]
+    assert sizes == {split: len(loader.dataset) for split, loader in quick_loaders.items()}
+    assert sizes == {"train": 2048, "eval": 1024}
+    assert args.batch_size == quick_loaders["train"].batch_size == 128  # same batches: bit-identical features
+    for split in ("train", "eval"):
+        ours, theirs = next(iter(loaders[split])), next(iter(quick_loaders[split]))
+        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]), split
+        assert torch.equal(ours["labels"], theirs["labels"]), split
+
+    # Without --label: colour alone, the Quick start's headline figure.
+    args = evaluate_example.parse_args(["linear-probe", "--model", model])
+    _, labels, _ = evaluate_example.build_loaders(args, config, preprocess, ["train", "eval"], True, False)
+    assert [label.name for label in labels] == ["dominant_color"] and labels[0].num_classes == 8
+    # The protocol settings are the ones pretrain.py uses (the library defaults, 30 probe epochs).
+    knn_defaults = inspect.signature(knn_accuracy).parameters
+    knn_args = evaluate_example.parse_args(["knn", "--model", model])
+    assert (knn_args.k, knn_args.temperature, knn_args.feature, knn_args.seed) == (
+        knn_defaults["k"].default, knn_defaults["temperature"].default, "pooled", 0,
+    )  # fmt: skip
+    probe_defaults = inspect.signature(linear_probe).parameters
+    assert (args.epochs, args.learning_rate, args.weight_decay, args.probe_batch_size, args.seed) == (
+        30, probe_defaults["learning_rate"].default, probe_defaults["weight_decay"].default,
+        probe_defaults["batch_size"].default, probe_defaults["seed"].default,
+    )  # fmt: skip
+
+
+def test_the_readme_command_prints_the_figure_the_quick_start_printed(tmp_path, capsys):
+    """
+    A short pretraining run (tiny model, the Quick start's probe split sizes), then the README's evaluation command:
+    the same figure, exactly, for the same label; and every other figure of results.json with --label all.
+    """
+    run_dir = tmp_path / "stellar-pretrain"
+    command = [
+        sys.executable, str(PRETRAIN_SCRIPT), "--output_dir", str(run_dir), "--config_overrides", TINY_OVERRIDES,
+        "--num_synthetic_images", "2048", "--per_device_train_batch_size", "8", "--max_train_steps", "6",
+        "--warmup_ratio", "0", "--base_learning_rate", "0.05", "--report_to", "none",
+    ]  # fmt: skip
+    launcher = ("ACCELERATE_USE_CPU", "LOCAL_WORLD_SIZE", "MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key not in launcher}
+    env.update(PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    trained = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    quick = json.loads((run_dir / "results.json").read_text())["probes"]
+    assert quick["num_probe_images"] == {"train": 2048, "eval": 1024}
+
+    # The README command, as typed: the Quick start's colour kNN figure, with its label, chance and reference.
+    result, metrics = run("knn", "--model", str(run_dir), workspace=tmp_path)
+    color = quick["dominant_color"]
+    assert metrics["label"] == "dominant_color" and metrics["num_classes"] == 8
+    assert metrics["top1"] == color["knn_top1"] and metrics["random_init_top1"] == color["random_init_knn_top1"]
+    assert metrics["chance"] == color["chance"] == 1 / 8
+    assert (metrics["num_train_images"], metrics["num_eval_images"]) == (2048, 1024)
+    assert f"knn top-1 {color['knn_top1']:.3f} on label dominant_color" in result.stderr
+
+    # Both labels, both protocols.
+    for subcommand, key in (("knn", "knn_top1"), ("linear-probe", "linear_probe_top1")):
+        assert evaluate_example.main([subcommand, "--model", str(run_dir), "--label", "all", "--no_progress"]) == 0
+        metrics = last_json_line(capsys)
+        assert metrics["label"] == "all" and "top1" not in metrics  # no figure without its label
+        for name in ("dominant_color", "dominant_shape"):
+            entry = metrics["labels"][name]
+            assert entry["label"] == name and entry["chance"] == quick[name]["chance"]
+            assert entry["top1"] == quick[name][key], (subcommand, name)
+            assert entry["random_init_top1"] == quick[name][f"random_init_{key}"], (subcommand, name)
+    # The trained encoder is the one evaluated: some figure differs from the random-init one.
+    assert any(
+        quick[name][key] != quick[name][f"random_init_{key}"]
+        for name in ("dominant_color", "dominant_shape")
+        for key in ("knn_top1", "linear_probe_top1")
+    )
+
+
+def test_label_and_random_init_options(workspace, capsys, monkeypatch):
+    model = str(workspace / "model")
+    folders = ["--train_dir", str(workspace / "train"), "--eval_dir", str(workspace / "eval")]
+    message = error_of(capsys, "knn", "--model", model, *folders, "--label", "dominant_shape")
+    assert "--label dominant_shape" in message and "class subfolder" in message
+    message = error_of(capsys, "linear-probe", "--model", model, "--dataset_name", str(workspace / "dataset"), "--label", "all")  # fmt: skip
+    assert "--label_column_name" in message
+
+    assert evaluate_example.main(["knn", "--model", model, *folders, "--random_init", "no", "--no_progress"]) == 0
+    captured = capsys.readouterr()
+    metrics = json.loads(captured.out.strip().splitlines()[-1])
+    assert metrics["random_init_top1"] is None and "not requested" in metrics["random_init_skipped"]
+    assert "random-init encoder not run (not requested" in captured.err
+
+    monkeypatch.setattr(evaluate_example, "RANDOM_INIT_AUTO_LIMIT", 20)  # 18 + 9 images exceed it
+    assert evaluate_example.main(["knn", "--model", model, *folders, "--no_progress"]) == 0
+    metrics = last_json_line(capsys)
+    assert metrics["random_init_top1"] is None and "--random_init yes" in metrics["random_init_skipped"]
+    assert evaluate_example.main(["knn", "--model", model, *folders, "--random_init", "yes", "--no_progress"]) == 0
+    assert last_json_line(capsys)["random_init_top1"] is not None
+
+    # Per-split sizes on the synthetic scenes.
+    arguments = ["knn", "--model", model, "--num_train_images", "10", "--num_eval_images", "6", "--label", "dominant_shape"]  # fmt: skip
+    assert evaluate_example.main([*arguments, "--no_progress"]) == 0
+    metrics = last_json_line(capsys)
+    assert (metrics["num_train_images"], metrics["num_eval_images"]) == (10, 6)
+    assert metrics["label"] == "dominant_shape" and metrics["num_classes"] == 6 and metrics["top5"] is not None
+
+
+def test_a_model_id_that_cannot_be_fetched_says_what_to_do(tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, set by `run`) with an empty cache: one error naming the id and the ways out."""
+    result, _ = run(
+        "knn", "--model", "stellar-org/not-cached", "--num_images", "2", workspace=tmp_path, check=False,
+        env_extra={"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_CACHE": str(tmp_path / "hf_home" / "hub")},
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr
+    message = " ".join(error)
+    assert "cannot load a STELLAR configuration from stellar-org/not-cached" in message
+    assert "hf download stellar-org/not-cached" in message and "HF_HUB_OFFLINE" in message

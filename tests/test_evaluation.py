@@ -26,6 +26,7 @@ from stellar_hf.evaluation import (
     frechet_distance,
     grid_blocks,
     grid_partition,
+    inception_features,
     knn_accuracy,
     knn_classify,
     linear_probe,
@@ -491,3 +492,132 @@ print(json.dumps(out))
     assert out["batched"] == pytest.approx(out["psnr"][0], rel=1e-9)
     # evaluate ran a copy of the script from its module cache, not the file in the package.
     assert list((tmp_path / "modules").rglob("psnr.py"))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What a probe figure measures: labels, chance, references
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_synthetic_probe_labels_name_what_they_measure():
+    from stellar_hf.data import CLASS_NAMES, COLOR_NAMES
+    from stellar_hf.evaluation import DEFAULT_SYNTHETIC_LABEL, SYNTHETIC_LABEL_NAMES, synthetic_probe_labels
+
+    labels = synthetic_probe_labels()
+    assert tuple(labels) == SYNTHETIC_LABEL_NAMES == ("dominant_color", "dominant_shape")
+    assert DEFAULT_SYNTHETIC_LABEL == "dominant_color"  # the Quick start's headline figure
+    color, shape = labels["dominant_color"], labels["dominant_shape"]
+    assert color.class_names == tuple(COLOR_NAMES) and color.num_classes == 8 and color.chance == 1 / 8
+    assert shape.class_names == tuple(CLASS_NAMES) and shape.num_classes == 6 and shape.chance == 1 / 6
+    assert color.describe() == {
+        "label": "dominant_color",
+        "label_description": "colour of each scene's dominant (largest) object",
+        "num_classes": 8,
+        "chance": 0.125,
+    }
+    scenes = SyntheticScenes(num_images=20, image_size=32, split="validation")
+    for item in scenes:
+        dominant = item["dominant_id"]
+        assert color.label_of(item) == item["colors"][dominant - 1]
+        assert shape.label_of(item) == item["shapes"][dominant - 1] == item["label"]
+    # Colour and shape are different labels of the same images (the defect: one was scored as the other).
+    assert [color.label_of(item) for item in scenes] != [shape.label_of(item) for item in scenes]
+
+
+def test_folder_label_and_majority_class():
+    from stellar_hf.evaluation import folder_probe_label, majority_class_accuracy
+
+    label = folder_probe_label(["cat", "dog", "fox"])
+    assert label.describe() == {"label": "class", "label_description": "class (subfolder)", "num_classes": 3, "chance": 1 / 3}  # fmt: skip
+    assert label.label_of({"label": 2}) == 2
+    train, evaluation = torch.tensor([0, 1, 1, 1, 2]), torch.tensor([1, 1, 0, 2])
+    assert majority_class_accuracy(train, evaluation) == 0.5
+    with pytest.raises(ValueError):
+        majority_class_accuracy(torch.tensor([], dtype=torch.long), evaluation)
+
+
+def test_synthetic_probe_recipe_and_random_init_encoder():
+    from stellar_hf.data import EvalTransform
+    from stellar_hf.evaluation import (
+        PROBE_BATCH_SIZE,
+        SYNTHETIC_PROBE_EVAL_IMAGES,
+        SYNTHETIC_PROBE_TRAIN_IMAGES,
+        probe_transform,
+        random_init_encoder,
+        synthetic_probe_datasets,
+    )
+    from stellar_hf.modeling_stellar import StellarModel
+
+    assert (SYNTHETIC_PROBE_TRAIN_IMAGES, SYNTHETIC_PROBE_EVAL_IMAGES, PROBE_BATCH_SIZE) == (2048, 1024, 128)
+    train, evaluation = synthetic_probe_datasets(32)
+    assert (len(train), len(evaluation)) == (2048, 1024)
+    assert (train.config.split, evaluation.config.split, train.config.seed) == ("train", "validation", 0)
+    expected = SyntheticScenes(num_images=4, image_size=32, split="validation")[3]["image"]
+    transform = probe_transform(32)
+    assert isinstance(transform, EvalTransform) and transform.resize_size == 32
+    assert torch.equal(transform(evaluation[3]["image"]), transform(expected))
+
+    config = tiny_config()
+    state = torch.random.get_rng_state()
+    first, second = random_init_encoder(config, seed=5), random_init_encoder(config, seed=5)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's random stream is left alone
+    assert isinstance(first, StellarModel) and not first.training
+    for (name, a), (_, b) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert torch.equal(a, b), name
+    torch.manual_seed(5)
+    assert torch.equal(StellarModel(config).embeddings.sparse_tokens, first.embeddings.sparse_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The `eval` extra holds what the optional metrics import
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def setup_extras() -> dict[str, list[str]]:
+    """The lists of requirements assigned at the top level of setup.py (BASE, TRAIN, EVAL), read without running it."""
+    import ast
+
+    tree = ast.parse((REPO_ROOT / "setup.py").read_text())
+    extras = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.List):
+            extras[node.targets[0].id] = [ast.literal_eval(item) for item in node.value.elts]
+    return extras
+
+
+def requirement_names(requirements: list[str]) -> set[str]:
+    import re
+
+    return {re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_eval_extra_has_every_package_the_metrics_import():
+    # rFID: `load_inception` imports torch_fidelity; LPIPS: lpips; the `evaluate` metric scripts: evaluate.
+    names = requirement_names(setup_extras()["EVAL"])
+    assert {"torch-fidelity", "lpips", "evaluate", "torchvision", "scipy"} <= names
+
+
+def test_rfid_with_torch_fidelity_installed_is_skipped_for_its_weights_only(empty_torch_home):
+    pytest.importorskip("torch_fidelity")
+    _, skipped = build_reconstruction_metrics(lpips_net=None)
+    reason = skipped["rfid"]
+    assert "weights-inception-2015-12-05-6726825d.pth" in reason and "--inception_weights" in reason
+    assert "pip install" not in reason and str(empty_torch_home) in reason
+
+
+def test_load_inception_with_the_real_torch_fidelity(tmp_path):
+    """The installed torch-fidelity's network built from a local weights file (random here), and its features."""
+    fidelity = pytest.importorskip("torch_fidelity.feature_extractor_inceptionv3")
+    with pytest.MonkeyPatch.context() as patch:
+        # Build the network once without weights (no download) to write a state dict of the right layout.
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: None)
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state_dict: None)
+        torch.manual_seed(0)
+        network = fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(network.state_dict(), weights)
+    extractor = load_inception(weights)
+    features = inception_features(torch.rand(2, 3, 32, 32), extractor)
+    assert features.shape == (2, 2048) and features.dtype == torch.float64 and torch.isfinite(features).all()
+    metrics, skipped = build_reconstruction_metrics(lpips_net=None, inception_weights=weights)
+    assert "rfid" not in skipped and metrics.inception is not None

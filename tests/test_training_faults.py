@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from test_pretrain_example import REPO_ROOT, TINY_OVERRIDES, run_pretrain
 
 from stellar_hf import checkpointing
-from stellar_hf.checkpointing import CheckpointError, find_checkpoints, latest_checkpoint, read_checkpoint
+from stellar_hf.checkpointing import TrainingCheckpointError, find_checkpoints, latest_checkpoint, read_checkpoint
 
 # Three steps, a checkpoint after each, at most two kept: every kind of write (first checkpoint, later ones,
 # rotation, images, the final folder) happens at least once.
@@ -165,7 +165,7 @@ def test_latest_skips_incomplete_checkpoints_and_says_why(tmp_path, caplog):
     assert "step 5" in reasons["checkpoint-10"]
     for name in reasons:
         assert f"skipping {name}" in caplog.text
-    with pytest.raises(CheckpointError, match="truncated"):
+    with pytest.raises(TrainingCheckpointError, match="truncated"):
         read_checkpoint(truncated)
 
 
