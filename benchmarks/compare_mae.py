@@ -85,7 +85,7 @@ sys.path.insert(0, str(REPO_ROOT / "examples"))
 import pretrain as pretrain_example  # examples/pretrain.py: the pretraining pieces
 
 from stellar_hf import StellarConfig
-from stellar_hf.data import CLASS_NAMES, COLOR_NAMES, collate_views
+from stellar_hf.data import collate_views
 from stellar_hf.evaluation import (
     ReconstructionMetrics,
     evaluate_reconstruction,
@@ -296,7 +296,7 @@ def write_digits(root: Path, image_size: int, limit: int | None) -> tuple[Path, 
 
 
 def dataset_arguments(args, name: str, train_dir: Path | None = None, eval_dir: Path | None = None):
-    """The namespace `examples/pretrain.py`'s `build_dataset`, `probe_tasks` and `probe_loaders` read."""
+    """The namespace `examples/pretrain.py`'s `build_dataset`, `probe_labels` and `probe_loaders` read."""
     folder = name != "synthetic"
     return argparse.Namespace(
         train_dir=str(train_dir) if folder else None,
@@ -522,20 +522,13 @@ def encoder_features(stellar, mae, loaders, device: torch.device, progress: bool
     }
 
 
-def num_classes_of(task: str, loader: DataLoader, labels: torch.Tensor) -> int:
-    """The task's class count: known for the synthetic tasks, the class folders of an image folder, else from labels."""
-    known = {"dominant_color": len(COLOR_NAMES), "dominant_shape": len(CLASS_NAMES)}
-    class_names = getattr(loader.dataset, "class_names", None)
-    return known.get(task) or (len(class_names) if class_names else int(labels.max()) + 1)
-
-
 def run_dataset(name: str, data_args: argparse.Namespace, args, device: torch.device) -> tuple[dict, dict]:
     """Pretrain both models on one dataset and evaluate them: (result blocks by task, settings of this dataset)."""
     config = stellar_config(args)
     dataset, description = pretrain_example.build_dataset(data_args, config)
     if name == "digits":
         description = f"scikit-learn digits ({len(dataset)} training images, upscaled to {config.image_size} px)"
-    tasks = pretrain_example.probe_tasks(data_args)
+    tasks = pretrain_example.probe_labels(data_args)
     loaders = pretrain_example.probe_loaders(data_args, config, tasks)
     progress = not args.no_progress
     stellar, mae = build_models(config, args, device)
@@ -553,7 +546,7 @@ def run_dataset(name: str, data_args: argparse.Namespace, args, device: torch.de
     blocks = {}
     for column, task in enumerate(tasks):
         (_, train_labels), (_, eval_labels) = features["pixels"]
-        num_classes = num_classes_of(task, loaders[0], torch.cat([train_labels[:, column], eval_labels[:, column]]))
+        num_classes = tasks[task].num_classes
         block = {}
         for model_name in ("stellar", "mae"):
             at_init = probe_scores(*initial[model_name], column, num_classes, args.seed)

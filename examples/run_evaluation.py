@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Evaluate a frozen STELLAR model: kNN, linear probe, reconstruction and object discovery (spec section 5).
 
-    python examples/evaluate.py knn --model outputs/stellar-pretrain          # the Quick start's colour kNN figure
-    python examples/evaluate.py linear-probe --model outputs/stellar-pretrain --label all
-    python examples/evaluate.py knn --model path/to/stellar --train_dir data/train --eval_dir data/val
-    python examples/evaluate.py linear-probe --model org/stellar-b16 --dataset_name ILSVRC/imagenet-1k \\
+    python examples/run_evaluation.py knn --model outputs/stellar-pretrain          # the Quick start's colour kNN figure
+    python examples/run_evaluation.py linear-probe --model outputs/stellar-pretrain --label all
+    python examples/run_evaluation.py knn --model path/to/stellar --train_dir data/train --eval_dir data/val
+    python examples/run_evaluation.py linear-probe --model org/stellar-b16 --dataset_name ILSVRC/imagenet-1k \\
         --eval_split validation --epochs 30 --learning_rate 1e-3 --device cuda --batch_size 256
-    python examples/evaluate.py reconstruction --model path/to/stellar --synthetic --train_decoder_steps 2000 \\
+    python examples/run_evaluation.py reconstruction --model path/to/stellar --synthetic --train_decoder_steps 2000 \\
         --lpips_weights ~/weights/alexnet-owt-7be5be79.pth
-    python examples/evaluate.py object-discovery --model path/to/stellar --num_images 500
+    python examples/run_evaluation.py object-discovery --model path/to/stellar --num_images 500
 
 Data: `--train_dir` / `--eval_dir` (image folders with one subfolder per class, the `datasets` imagefolder layout),
 `--dataset_name` (a Hub dataset, a local imagefolder, or a `save_to_disk` folder), or `--synthetic`, the built-in
@@ -245,7 +245,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fail(message: str) -> None:
     """Stop with a one-line error (exit status 2, like argparse)."""
-    print(f"evaluate.py: error: {message}", file=sys.stderr)
+    print(f"run_evaluation.py: error: {message}", file=sys.stderr)
     raise SystemExit(2)
 
 

@@ -1,4 +1,4 @@
-"""`examples/evaluate.py` end to end on a tiny random STELLAR model: every subcommand, every data source, bad input."""
+"""`examples/run_evaluation.py` end to end on a tiny random STELLAR model: every subcommand, every data source, bad input."""
 
 import importlib.util
 import json
@@ -16,7 +16,7 @@ from stellar_hf import StellarConfig, StellarModel
 from stellar_hf.modeling_stellar import StellarForPreTraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = REPO_ROOT / "examples" / "evaluate.py"
+SCRIPT = REPO_ROOT / "examples" / "run_evaluation.py"
 TINY = TINY_CONFIG
 CLASS_COLOURS = {"apple": (220, 30, 30), "grass": (30, 200, 40), "sky": (40, 60, 230)}
 
@@ -83,7 +83,7 @@ def run(*arguments: str, workspace: Path, check: bool = True, env_extra: dict | 
     result = subprocess.run(command, check=False, capture_output=True, text=True, env=env, cwd=workspace, timeout=300)
     if check and result.returncode != 0:
         raise AssertionError(
-            f"evaluate.py failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+            f"run_evaluation.py failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         )
     lines = result.stdout.strip().splitlines()
     return result, (json.loads(lines[-1]) if lines and result.returncode == 0 else None)
@@ -237,7 +237,7 @@ def load_pretrain_script():
 
 
 def test_synthetic_defaults_are_the_quick_start_probe_recipe(workspace):
-    """evaluate.py's default synthetic splits are pretrain.py's final-probe splits, image for image, label for label."""
+    """run_evaluation.py's default synthetic splits are pretrain.py's final-probe splits, image for image, label for label."""
     import inspect
 
     from stellar_hf.evaluation import knn_accuracy, linear_probe
