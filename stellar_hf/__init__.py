@@ -2,6 +2,10 @@
 
 Importing the package registers the STELLAR and MaskGIT VQGAN classes with the transformers Auto classes.
 Conversion scripts, data, evaluation and visualisation helpers are separate modules, imported on demand.
+
+Image processors follow transformers 5.24's naming: `StellarImageProcessor` (torchvision) and
+`StellarImageProcessorPil` (PIL). `StellarImageProcessorFast`, the torchvision class's name before, still imports,
+with a `FutureWarning`.
 """
 
 from transformers import (
@@ -12,10 +16,11 @@ from transformers import (
     AutoModelForImageToImage,
     AutoModelForPreTraining,
 )
+from transformers.utils import is_torchvision_available
 
 from .configuration_maskgit_vqgan import MaskGitVQGANConfig
 from .configuration_stellar import StellarConfig
-from .image_processing_stellar import StellarImageProcessor, StellarImageProcessorFast
+from .image_processing_stellar import IMAGE_PROCESSOR_CLASSES, StellarImageProcessorPil, compatible_class
 from .modeling_maskgit_vqgan import MaskGitVQGANModel
 from .modeling_stellar import (
     StellarClusteringHead,
@@ -29,6 +34,10 @@ from .modeling_stellar import (
     StellarReconstructionOutput,
 )
 
+if is_torchvision_available():
+    from .image_processing_stellar import StellarImageProcessor
+# else: `StellarImageProcessor` is `StellarImageProcessorPil`, with a logged warning when asked for (`__getattr__`).
+
 __version__ = "0.1.0"
 
 AutoConfig.register(StellarConfig.model_type, StellarConfig, exist_ok=True)
@@ -38,11 +47,9 @@ AutoModel.register(MaskGitVQGANConfig, MaskGitVQGANModel, exist_ok=True)
 AutoModelForImageClassification.register(StellarConfig, StellarForImageClassification, exist_ok=True)
 AutoModelForImageToImage.register(StellarConfig, StellarForImageReconstruction, exist_ok=True)
 AutoModelForPreTraining.register(StellarConfig, StellarForPreTraining, exist_ok=True)
-AutoImageProcessor.register(
-    StellarConfig,
-    image_processor_classes={"pil": StellarImageProcessor, "torchvision": StellarImageProcessorFast},
-    exist_ok=True,
-)
+# Both backends, by transformers' backend names: `backend="pil" | "torchvision"` (or the deprecated `use_fast`) picks
+# one whichever class saved the folder; the default is torchvision when it is installed.
+AutoImageProcessor.register(StellarConfig, image_processor_classes=dict(IMAGE_PROCESSOR_CLASSES), exist_ok=True)
 
 # `save_pretrained` writes these classes' source next to the weights, so a process that never imports stellar_hf
 # loads the folder with `trust_remote_code=True`.
@@ -51,8 +58,9 @@ StellarModel.register_for_auto_class("AutoModel")
 StellarForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 StellarForImageReconstruction.register_for_auto_class("AutoModelForImageToImage")
 StellarForPreTraining.register_for_auto_class("AutoModelForPreTraining")
-StellarImageProcessor.register_for_auto_class("AutoImageProcessor")
-StellarImageProcessorFast.register_for_auto_class("AutoImageProcessor")
+for _image_processor_class in IMAGE_PROCESSOR_CLASSES.values():
+    _image_processor_class.register_for_auto_class("AutoImageProcessor")
+del _image_processor_class
 
 __all__ = [
     "MaskGitVQGANConfig",
@@ -64,9 +72,18 @@ __all__ = [
     "StellarForPreTraining",
     "StellarForPreTrainingOutput",
     "StellarImageProcessor",
-    "StellarImageProcessorFast",
+    "StellarImageProcessorPil",
     "StellarModel",
     "StellarModelOutput",
     "StellarPreTrainedModel",
     "StellarReconstructionOutput",
 ]
+
+
+def __getattr__(name: str):
+    """Names kept for compatibility: `StellarImageProcessorFast` (deprecated), `StellarImageProcessor` without
+    torchvision. See `image_processing_stellar.compatible_class`."""
+    compatible = compatible_class(name, stacklevel=2)
+    if compatible is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return compatible

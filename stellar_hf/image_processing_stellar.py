@@ -1,5 +1,17 @@
 """Image processors for STELLAR: the original's evaluation preprocessing, normalisation included.
 
+Two backends, named as transformers 5.24 names its own: `StellarImageProcessor` (torchvision) and
+`StellarImageProcessorPil` (PIL / NumPy). Both save `image_processor_type: StellarImageProcessor`, so a folder saved
+by either loads with either (`AutoImageProcessor.from_pretrained(folder, backend="pil" | "torchvision")`).
+
+Before 5.24's naming, `StellarImageProcessor` was the PIL class and `StellarImageProcessorFast` the torchvision one.
+Folders saved then load unchanged: their `image_processor_type` (`StellarImageProcessor`, or
+`StellarImageProcessorFast`, which transformers reads as `StellarImageProcessor`) names the same pair, and the backend
+is chosen at load time; `trust_remote_code` without stellar_hf runs the old code the folder carries.
+`StellarImageProcessorFast` still imports, as the torchvision class, with a `FutureWarning`. Without torchvision
+installed, `StellarImageProcessor` is `StellarImageProcessorPil` (with a logged warning), as transformers does for its
+own `XImageProcessor` names.
+
 `to_rgb_image` is the one rule by which every STELLAR path (training data, both processors, the examples) reads a PIL
 image of any mode as 8-bit RGB. It lives here, not in `stellar_hf.data`, because this file is copied to the Hub as
 remote code and must load on its own.
@@ -8,11 +20,16 @@ remote code and must load on its own.
 import base64
 import io
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.utils import is_torchvision_available, logging
+from transformers.utils.import_utils import requires_backends
+
+logger = logging.get_logger(__name__)
 
 # Grey modes with more than 8 bits per pixel; PIL's convert("RGB") clips them at 255 instead of rescaling.
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -149,25 +166,86 @@ class StellarImageProcessingDefaults:
 
     def to_dict(self) -> dict:
         output = super().to_dict()
-        # Name both backends in a saved folder, so remote-code users get the same class (torchvision when it is
-        # installed, PIL otherwise) as users who import stellar_hf, and hence the same pixels.
+        # Both backends save `image_processor_type: StellarImageProcessor` (transformers' PilBackend drops the "Pil").
+        # A saved folder names both backends, so remote-code users get the backend they ask for (torchvision by
+        # default when it is installed, PIL otherwise), as users who import stellar_hf do, and hence the same pixels.
+        # This also renames the classes of a folder saved before 5.24's naming when it is saved again.
         if "AutoImageProcessor" in (output.get("auto_map") or {}):
-            output["auto_map"] = {
-                **output["auto_map"],
-                "AutoImageProcessor": [
-                    "image_processing_stellar.StellarImageProcessor",
-                    "image_processing_stellar.StellarImageProcessorFast",
-                ],
-            }
+            output["auto_map"] = {**output["auto_map"], "AutoImageProcessor": dict(AUTO_MAP)}
         return output
 
 
-class StellarImageProcessor(StellarImageProcessingDefaults, PilBackend):
-    """STELLAR preprocessing on PIL / NumPy (no torchvision needed). See [`StellarImageProcessingDefaults`]."""
+class StellarImageProcessor(StellarImageProcessingDefaults, TorchvisionBackend):
+    """
+    STELLAR preprocessing with torchvision, batched and on any device (transformers' default backend). See
+    [`StellarImageProcessingDefaults`]; [`StellarImageProcessorPil`] is the same on PIL / NumPy.
+
+    Before transformers 5.24's naming this class was `StellarImageProcessorFast`, and `StellarImageProcessor` was the
+    PIL one: its outputs differ from PIL's by a few 8-bit levels at most (bicubic resampling rounds differently).
+    """
+
+    def __init__(self, **kwargs):
+        requires_backends(self, ["torch", "torchvision"])  # an ImportError that says what to install
+        super().__init__(**kwargs)
 
 
-class StellarImageProcessorFast(StellarImageProcessingDefaults, TorchvisionBackend):
-    """STELLAR preprocessing with torchvision, batched and on any device. See [`StellarImageProcessingDefaults`]."""
+class StellarImageProcessorPil(StellarImageProcessingDefaults, PilBackend):
+    """
+    STELLAR preprocessing on PIL / NumPy (no torchvision needed). See [`StellarImageProcessingDefaults`]. Before
+    transformers 5.24's naming this class was `StellarImageProcessor`.
+    """
 
 
-__all__ = ["StellarImageProcessor", "StellarImageProcessorFast", "evaluation_resize", "open_image", "to_rgb_image"]
+# Backend name -> class, for `AutoImageProcessor.register(config_class, image_processor_classes=...)`. Torchvision
+# first: transformers' default, and the class a folder's `image_processor_type` names.
+IMAGE_PROCESSOR_CLASSES = {"torchvision": StellarImageProcessor, "pil": StellarImageProcessorPil}
+# What a saved folder's `auto_map["AutoImageProcessor"]` holds: the same, as remote-code references.
+AUTO_MAP = {backend: f"image_processing_stellar.{cls.__name__}" for backend, cls in IMAGE_PROCESSOR_CLASSES.items()}
+
+if not is_torchvision_available():
+    # As transformers does for its own `XImageProcessor` names: without torchvision the name falls back to the PIL
+    # class (see `compatible_class`), and `AutoImageProcessor` skips the torchvision class as it skips its own
+    # placeholders (`is_dummy`), falling back to PIL with a logged warning whatever backend was asked for.
+    StellarImageProcessor.is_dummy = True
+    del StellarImageProcessor
+
+
+def compatible_class(name: str, stacklevel: int = 2):
+    """
+    The class a name kept for compatibility stands for, or None for other names: `StellarImageProcessor` without
+    torchvision (the PIL class, with a logged warning), `StellarImageProcessorFast` (the torchvision class, with a
+    `FutureWarning` attributed `stacklevel` frames up from the caller of this function).
+    """
+    if name == "StellarImageProcessor" and not is_torchvision_available():
+        logger.warning_once(
+            "`StellarImageProcessor` requires torchvision (not installed); falling back to "
+            "`StellarImageProcessorPil`. Install torchvision to use the default backend, or use "
+            "`StellarImageProcessorPil` to silence this warning."
+        )
+        return StellarImageProcessorPil
+    if name == "StellarImageProcessorFast":
+        warnings.warn(
+            "`StellarImageProcessorFast` is deprecated and will be removed in a future version: the torchvision "
+            "backend is now `StellarImageProcessor`, as transformers 5.24 names it (the PIL backend is "
+            "`StellarImageProcessorPil`). Saved folders load unchanged.",
+            FutureWarning,
+            stacklevel=stacklevel + 1,
+        )
+        return IMAGE_PROCESSOR_CLASSES["torchvision"]
+    return None
+
+
+def __getattr__(name: str):
+    compatible = compatible_class(name, stacklevel=2)  # the warning names the line that asked for the name
+    if compatible is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return compatible
+
+
+__all__ = [
+    "StellarImageProcessor",
+    "StellarImageProcessorPil",
+    "evaluation_resize",
+    "open_image",
+    "to_rgb_image",
+]

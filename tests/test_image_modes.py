@@ -22,14 +22,14 @@ from PIL import Image
 from safetensors import safe_open
 from stellar_tester import TINY_CONFIG
 
-from stellar_hf import StellarConfig, StellarImageProcessor, StellarImageProcessorFast, StellarModel
+from stellar_hf import StellarConfig, StellarImageProcessor, StellarImageProcessorPil, StellarModel
 from stellar_hf.data import to_rgb
 from stellar_hf.image_processing_stellar import to_rgb_image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 30, 40
-PROCESSORS = [StellarImageProcessor, StellarImageProcessorFast]
-processor_parametrize = pytest.mark.parametrize("processor_class", PROCESSORS, ids=["pil", "fast"])
+PROCESSORS = [StellarImageProcessorPil, StellarImageProcessor]  # the PIL and torchvision backends
+processor_parametrize = pytest.mark.parametrize("processor_class", PROCESSORS, ids=["pil", "torchvision"])
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """
 The Hub path: `save_pretrained` writes the code next to the weights, and a process that never imports stellar_hf
 loads the folder with `trust_remote_code=True` and gets the same outputs; the `image-feature-extraction` pipeline
-works on PIL images and file paths, per token by default and on `pooler_output` with `pool=True`.
+works on PIL images and file paths, per token by default and on `pooler_output` with `pool=True`. The saved
+processor names both backends (`StellarImageProcessor`, torchvision; `StellarImageProcessorPil`), and the fresh process
+gets the one it asks for, with the package's pixels.
 """
 
 import ast
@@ -22,14 +24,15 @@ from transformers import pipeline
 from transformers.dynamic_module_utils import get_imports, get_relative_imports
 
 import stellar_hf
-from stellar_hf import StellarImageProcessor
+from stellar_hf import StellarImageProcessor, StellarImageProcessorPil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CROP = 32  # the tiny model's native size, so the pipeline runs it without interpolation
 NUM_TOKENS = 1 + (CROP // 8) ** 2 + NUM_SPARSE
 # What a user has after `pip install transformers torch` (the base requirements), plus the standard library.
 BASE_DISTRIBUTION_MODULES = {"torch", "transformers", "safetensors", "huggingface_hub", "numpy", "PIL"}
-STELLAR_PROCESSORS = ("StellarImageProcessor", "StellarImageProcessorFast")
+STELLAR_PROCESSORS = ("StellarImageProcessor", "StellarImageProcessorPil")  # torchvision, PIL
+BACKEND_CLASSES = {"torchvision": StellarImageProcessor, "pil": StellarImageProcessorPil}
 
 
 def smooth_image(width: int, height: int) -> Image.Image:
@@ -45,7 +48,8 @@ def saved(tmp_path_factory):
     folder = root / "stellar-tiny"
     model = build_model(MODEL)
     model.save_pretrained(folder)
-    processor = StellarImageProcessor(size={"shortest_edge": CROP + 4}, crop_size={"height": CROP, "width": CROP})
+    # Saved by the PIL class: the folder is the same whichever backend saves it.
+    processor = StellarImageProcessorPil(size={"shortest_edge": CROP + 4}, crop_size={"height": CROP, "width": CROP})
     processor.save_pretrained(folder)
     image = smooth_image(56, 40)
     image_path = root / "image.png"
@@ -83,13 +87,11 @@ def test_saved_folder_holds_the_code_and_auto_map(saved):
     assert config["auto_map"]["AutoConfig"] == "configuration_stellar.StellarConfig"
     assert config["auto_map"]["AutoModel"] == "modeling_stellar.StellarModel"
     preprocessor = json.loads((saved.folder / "preprocessor_config.json").read_text())
-    # A class reference, a [pil, torchvision] list or a {backend: class} dict, as transformers 5.x accepts.
-    entry = preprocessor["auto_map"]["AutoImageProcessor"]
-    references = [entry] if isinstance(entry, str) else list(entry.values() if isinstance(entry, dict) else entry)
-    assert "image_processing_stellar.StellarImageProcessor" in references, entry
-    assert set(references) - {None} <= {
-        "image_processing_stellar.StellarImageProcessor",
-        "image_processing_stellar.StellarImageProcessorFast",
+    # One type for both backends, and a {backend: class} map, as transformers 5.24 resolves `backend=`.
+    assert preprocessor["image_processor_type"] == "StellarImageProcessor"
+    assert preprocessor["auto_map"]["AutoImageProcessor"] == {
+        "torchvision": "image_processing_stellar.StellarImageProcessor",
+        "pil": "image_processing_stellar.StellarImageProcessorPil",
     }
 
 
@@ -132,6 +134,11 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
         processed = processor(Image.open(root / "image.png"), return_tensors="pt")["pixel_values"]
         results["processed"] = processed
         results["processed.last_hidden_state"] = model(processed).last_hidden_state
+    backend_classes = {}
+    for backend in ("pil", "torchvision"):
+        chosen = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend=backend)
+        backend_classes[backend] = [type(chosen).__name__, type(chosen).__module__, chosen.backend]
+        results[f"processed.{backend}"] = chosen(Image.open(root / "image.png"), return_tensors="pt")["pixel_values"]
     extractor = pipeline("image-feature-extraction", model=str(folder), trust_remote_code=True)
     results["pipeline.tokens"] = torch.tensor(extractor(str(root / "image.png")))
     results["pipeline.pooled"] = extractor(Image.open(root / "image.png"), pool=True, return_tensors=True)
@@ -141,6 +148,7 @@ SUBPROCESS_SCRIPT = textwrap.dedent(
         "stellar_hf_imported": sorted(name for name in sys.modules if name.split(".")[0] == "stellar_hf"),
         "model_module": type(model).__module__,
         "processor_class": type(processor).__name__,
+        "backend_classes": backend_classes,
         "pipeline_processor_class": type(extractor.image_processor).__name__,
         "repo_on_path": [entry for entry in sys.path if entry and Path(entry).resolve() == Path(repo)],
     }))
@@ -181,6 +189,18 @@ def test_fresh_process_never_imports_stellar_hf(fresh_process):
     assert report["model_module"].startswith("transformers_modules."), report["model_module"]
     assert report["processor_class"] in STELLAR_PROCESSORS
     assert report["pipeline_processor_class"] == report["processor_class"]
+
+
+def test_fresh_process_gets_the_backend_it_asks_for(saved, fresh_process):
+    report, outputs = fresh_process
+    assert report["processor_class"] == "StellarImageProcessor"  # transformers' default: torchvision, installed here
+    image = saved.image
+    for backend, processor_class in BACKEND_CLASSES.items():
+        name, module, chosen_backend = report["backend_classes"][backend]
+        assert (name, chosen_backend) == (processor_class.__name__, backend)
+        assert module.startswith("transformers_modules."), module
+        expected = processor_class.from_pretrained(saved.folder)(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(outputs[f"processed.{backend}"], expected, rtol=0, atol=0)
 
 
 def test_fresh_process_outputs_match(saved, fresh_process):
