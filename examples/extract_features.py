@@ -50,13 +50,15 @@ def load_checkout_module(file_name: str, module_name: str):
 
 
 if stellar_hf is not None:
+    from stellar_hf.devices import resolve_device
     from stellar_hf.image_processing_stellar import to_rgb_image
     from stellar_hf.visualization import denormalize, spatial_map_overlays
 else:
-    # Neither file imports from the package, so a checkout's copies load on their own.
+    # None of these files imports from the package, so a checkout's copies load on their own.
     _visualization = load_checkout_module("visualization.py", "stellar_visualization")
     denormalize, spatial_map_overlays = _visualization.denormalize, _visualization.spatial_map_overlays
     to_rgb_image = load_checkout_module("image_processing_stellar.py", "stellar_image_processing").to_rgb_image
+    resolve_device = load_checkout_module("devices.py", "stellar_devices").resolve_device
 
 try:
     from tqdm.auto import tqdm
@@ -109,16 +111,6 @@ def check_image(path: Path) -> str | None:
     except Exception as error:  # PIL raises several types for unreadable data
         return f"{path}: not a readable image ({type(error).__name__}: {error})"
     return None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def load_model_and_processor(model_id: str, trust_remote_code: bool, device: torch.device, dtype: torch.dtype):

@@ -254,16 +254,6 @@ def fail(message: str) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def hub_advice(model_id: str, error: BaseException) -> str:
     """
     What to do, when `error` says that the Hub id `model_id` could not be fetched (no network, or offline mode and not
@@ -751,6 +741,8 @@ def json_safe(value):
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    from stellar_hf.devices import resolve_device
+
     device = resolve_device(args.device)
     config = load_config(args.model)
     processor = load_processor(args.model)

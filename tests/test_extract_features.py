@@ -188,3 +188,12 @@ def test_overlay_names_deduplicate_stems():
     script = load_script()
     names = script.overlay_names([Path("a/x.jpg"), Path("b/x.png"), Path("y.jpg")])
     assert names == ["x_0.png", "x_1.png", "y.png"]
+
+
+def test_resolve_device():
+    from stellar_hf.devices import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps", "xpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
