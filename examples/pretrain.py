@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,7 @@ from stellar_hf.evaluation import (
 )
 from stellar_hf.model_card import ProbeResults, TrainingRun, hub_id_or_none, render_model_card
 from stellar_hf.modeling_stellar import StellarForPreTraining
+from stellar_hf.pretraining import StellarEMATeacher
 
 logger = logging.getLogger("stellar_pretrain")
 
@@ -199,50 +201,86 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def apply_config_overrides(config: StellarConfig, text: str | None) -> StellarConfig:
+    """
+    `config` with `--config_overrides` (`"a=1,b=0.5,c=true,d=pixel"`) applied, validated as a whole.
+
+    transformers' `config.update_from_string` reads each value as the type of the field's current value. A field
+    that is unset (`None`, e.g. `reconstruction_weight` or `vq_tokenizer_name_or_path`) has no type to read it by: a
+    number is read as one, anything else as text; `none` or `null` unsets a field.
+    """
+    set_config_fields(config, text)
+    return StellarConfig(**config.to_dict())
+
+
+def set_config_fields(config: StellarConfig, text: str | None) -> list[str]:
+    """Set the fields `text` names on `config`, each checked on its own (see `apply_config_overrides`); returns the
+    names."""
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    malformed = [item for item in items if "=" not in item]
+    if malformed:
+        raise ValueError(f"config overrides {malformed} are not of the form key=value")
+    pairs = [tuple(part.strip() for part in item.split("=", 1)) for item in items]
+    unknown = [key for key, _ in pairs if not hasattr(config, key)]
+    if unknown:
+        raise ValueError(f"--config_overrides names unknown config fields: {unknown}")
+    for key, value in pairs:
+        try:
+            if value.lower() in ("none", "null"):
+                setattr(config, key, None)
+            elif getattr(config, key) is None:
+                setattr(config, key, _number_or_text(value))
+            else:
+                config.update_from_string(f"{key}={value}")
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--config_overrides {key}={value}: {error}") from None
+    return [key for key, _ in pairs]
+
+
+def _number_or_text(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_overrides(text: str | None) -> dict:
-    """`"a=1,b=0.5,c=none,d=pixel"` -> `{"a": 1, "b": 0.5, "c": None, "d": "pixel"}`."""
-    overrides = {}
-    for item in filter(None, (part.strip() for part in (text or "").split(","))):
-        if "=" not in item:
-            raise ValueError(f"config override {item!r} is not of the form key=value")
-        key, value = (part.strip() for part in item.split("=", 1))
-        if value.lower() in ("none", "null"):
-            overrides[key] = None
-        elif value.lower() in ("true", "false"):
-            overrides[key] = value.lower() == "true"
-        else:
-            try:
-                overrides[key] = int(value)
-            except ValueError:
-                try:
-                    overrides[key] = float(value)
-                except ValueError:
-                    overrides[key] = value
-    return overrides
+    """Deprecated: `apply_config_overrides(config, text)`. The overrides as `{field: value}`, each value read as the
+    type of a default `StellarConfig`'s field."""
+    warnings.warn(
+        "parse_overrides is deprecated: use apply_config_overrides(config, text)", FutureWarning, stacklevel=2
+    )
+    config = StellarConfig()
+    return {key: getattr(config, key) for key in set_config_fields(config, text)}
 
 
 def build_model(args) -> StellarForPreTraining:
+    """The student: `--model_name_or_path`, else a new model of `--config_name` with `--config_overrides`."""
     if args.model_name_or_path:
         return StellarForPreTraining.from_pretrained(args.model_name_or_path)
     name = args.config_name or "stellar-small-synthetic"
-    if name in PRESETS:
-        config = StellarConfig(**PRESETS[name])
-    else:
-        config = StellarConfig.from_pretrained(name)
-    overrides = parse_overrides(args.config_overrides)
-    unknown = [key for key in overrides if not hasattr(config, key)]
-    if unknown:
-        raise ValueError(f"--config_overrides names unknown config fields: {unknown}")
-    config = StellarConfig(**{**config.to_dict(), **overrides})
-    model = StellarForPreTraining(config)
+    config = StellarConfig(**PRESETS[name]) if name in PRESETS else StellarConfig.from_pretrained(name)
+    model = StellarForPreTraining(apply_config_overrides(config, args.config_overrides))
     if args.init_encoder_from:
         from stellar_hf.encoder_init import load_encoder_weights
 
         copied = load_encoder_weights(model, args.init_encoder_from)
         logger.info("initialised %d encoder tensors from %s", len(copied), args.init_encoder_from)
-        if model.teacher is not None:
-            model.reset_teacher()
     return model
+
+
+def build_teacher(args, model: StellarForPreTraining) -> StellarEMATeacher | None:
+    """
+    The EMA teacher when `config.use_ema_teacher`: the one saved in `--model_name_or_path` (or a copy of the student
+    when the folder holds none, with a warning), else a copy of the student; `None` without a teacher.
+    """
+    if not model.config.use_ema_teacher:
+        return None
+    if args.model_name_or_path:
+        return StellarEMATeacher.from_pretrained(args.model_name_or_path, model)
+    return StellarEMATeacher.from_student(model)
 
 
 def build_dataset(args, config: StellarConfig):
@@ -546,7 +584,7 @@ def save_images(model, images: torch.Tensor, config: StellarConfig, output_dir: 
     grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
     panels = {"spatial_maps": spatial_map_grid(images, outputs.spatial_map.float().cpu(), grid)}
     if config.reconstruction_target == "pixel":
-        reconstruction = unwrapped.decode_tokens(unwrapped.decoder(outputs.lowrank_features, grid), grid)
+        reconstruction = unwrapped.reconstruct(lowrank_features=outputs.lowrank_features, grid_size=grid)
         panels["reconstructions"] = reconstruction_grid(images, reconstruction.float().cpu())
     unwrapped.train(was_training)
     image_dir = output_dir / "images"
@@ -687,6 +725,12 @@ def train(args: argparse.Namespace) -> int:
         # Unreadable weights, or a Hub id that cannot be downloaded (offline): the message says what to do.
         raise SystemExit(f"error: {error}") from None
     config = model.config
+    if config.reconstruction_target == "vq" and model.load_vq_tokenizer() is None:
+        raise SystemExit(
+            "error: the VQ reconstruction target trains on the codes of a MaskGIT VQGAN: pass --config_overrides "
+            "vq_tokenizer_name_or_path=PATH (a folder written by python -m stellar_hf.convert_vqgan)"
+        )
+    teacher = build_teacher(args, model)
     dataset, data_description = build_dataset(args, config)
     loader = DataLoader(
         dataset,
@@ -727,6 +771,13 @@ def train(args: argparse.Namespace) -> int:
         num_training_steps=args.max_train_steps,
     )
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # The model's weights with the EMA teacher's (when there is one): what the finite-state checks read.
+    training_state = model
+    if teacher is not None:
+        teacher.to(accelerator.device)
+        # Saved in every checkpoint and restored by `load_state`, so a resumed run continues from the same teacher.
+        accelerator.register_for_checkpointing(teacher)
+        training_state = torch.nn.ModuleDict({"student": model, "teacher": teacher})
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_files(output_dir)
@@ -742,7 +793,7 @@ def train(args: argparse.Namespace) -> int:
         accelerator.load_state(str(resume.path))
         completed_steps = resume.step
         try:
-            check_state_finite(accelerator, model, [optimizer], when=f"in {resume.path} ")
+            check_state_finite(accelerator, training_state, [optimizer], when=f"in {resume.path} ")
         except NonFiniteStateError as error:
             raise SystemExit(f"error: {error}; resume an earlier checkpoint instead") from None
         if not args.streaming:
@@ -769,7 +820,7 @@ def train(args: argparse.Namespace) -> int:
     stop_reason, failure = None, None
     shown_images = figure_images(args, config, dataset) if accelerator.is_main_process else None
     epoch, micro_batches_in_step = start_epoch, 0
-    model.train()
+    training_state.train()
     while completed_steps < args.max_train_steps and stop_reason is None:
         dataset.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
@@ -782,11 +833,17 @@ def train(args: argparse.Namespace) -> int:
             micro_step = completed_steps * args.gradient_accumulation_steps + micro_batches_in_step
             micro_batches_in_step += 1
             generator = masking_generator(args.seed, micro_step, accelerator.process_index)
+            inputs = to_model_inputs(batch, config)
             with accelerator.accumulate(model):
+                teacher_targets = None
+                if teacher is not None:
+                    with accelerator.autocast():  # as the prepared model's forward runs
+                        teacher_targets = teacher(inputs["pixel_values"], inputs.get("global_views"))
                 outputs = model(
-                    **to_model_inputs(batch, config),
+                    **inputs,
                     # Drawn here, not in forward, so that a compiled model holds no random number generator.
                     mask_noise=unwrapped.draw_mask_noise(batch.get("global_views"), generator, accelerator.device),
+                    teacher_targets=teacher_targets,
                 )
                 finite = torch.isfinite(outputs.loss.detach()).float()
                 if accelerator.gather(finite.reshape(1)).min() < 1:
@@ -803,8 +860,8 @@ def train(args: argparse.Namespace) -> int:
             if not accelerator.sync_gradients:
                 continue
             micro_batches_in_step = 0
-            if unwrapped.teacher is not None:
-                unwrapped.update_teacher(unwrapped.teacher_momentum(completed_steps, args.max_train_steps))
+            if teacher is not None:
+                teacher.update(unwrapped, teacher.momentum(completed_steps, args.max_train_steps))
             completed_steps += 1
             progress.update(1)
             if timed_from is None:
@@ -825,8 +882,8 @@ def train(args: argparse.Namespace) -> int:
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 try:
                     save_checkpoint(
-                        accelerator, output_dir, completed_steps, args.checkpoints_total_limit, model, [optimizer],
-                        extra={"skipped_images": skipped_images.summary(accelerator)},
+                        accelerator, output_dir, completed_steps, args.checkpoints_total_limit, training_state,
+                        [optimizer], extra={"skipped_images": skipped_images.summary(accelerator)},
                     )  # fmt: skip
                 except NonFiniteStateError as error:
                     failure = str(error)
@@ -850,7 +907,7 @@ def train(args: argparse.Namespace) -> int:
 
     if failure is None:
         try:
-            check_state_finite(accelerator, model, [optimizer], when=f"after step {completed_steps} ")
+            check_state_finite(accelerator, training_state, [optimizer], when=f"after step {completed_steps} ")
         except NonFiniteStateError as error:
             failure = str(error)
     if failure:
@@ -879,7 +936,10 @@ def train(args: argparse.Namespace) -> int:
         # killed during the final save never leaves a truncated file, and `results.json` says the save finished.
         staging = output_dir / FINAL_STAGING_NAME
         shutil.rmtree(staging, ignore_errors=True)
-        unwrapped.save_pretrained(staging, save_function=accelerator.save)
+        if teacher is None:
+            unwrapped.save_pretrained(staging, save_function=accelerator.save)
+        else:  # the student's folder, the teacher beside it as `teacher.*` tensors
+            teacher.save_pretrained(staging, unwrapped, save_function=accelerator.save)
         StellarImageProcessor.from_model_config(config).save_pretrained(staging)
         final_figures = []
         if shown_images is not None:

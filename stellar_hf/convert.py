@@ -34,6 +34,7 @@ from .modeling_stellar import (
     StellarModel,
     StellarPreTrainedModel,
 )
+from .pretraining import TEACHER_PREFIX, StellarEMATeacher
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ DROPPED_KEY_PATTERNS = {
 
 # The original's EMA teacher (`momentum_teacher=True`): its own `ViTModel` encoder, sparse tokens and clustering heads,
 # saved beside the student's. Each teacher name is the student's original name under another prefix; ours is the
-# student's name under `teacher.` (`StellarTeacher` holds `stellar`, `sparse_clustering_head`, `cls_clustering_head`).
-# The original teacher has no `dense_proj` / `sparse_proj`: its targets read only the sparse and CLS tokens.
+# student's name under `teacher.` (`StellarEMATeacher` holds `stellar`, `sparse_clustering_head`,
+# `cls_clustering_head`), the layout `StellarEMATeacher.from_pretrained` reads from the saved folder. Neither teacher
+# has `dense_proj` / `sparse_proj`: the targets read only the sparse and CLS tokens.
 TEACHER_KEY_PREFIXES = {
     "teacher_encoder.": "encoder.",
     "teacher_head.": "clustering_head.",
@@ -979,23 +981,16 @@ def _log_dropped(dropped: list[str], all_names: list[str]) -> None:
         logger.info("dropped %d keys: %s: %s", len(names), reason, _name_summary(names, all_names))
 
 
-def _complete_teacher(converted: dict[str, torch.Tensor]) -> list[str]:
+def load_converted(
+    model: torch.nn.Module, converted: dict[str, torch.Tensor], teacher: StellarEMATeacher | None = None
+) -> None:
     """
-    Give our teacher the student's factorization when the original teacher has none (it never has: its targets read
-    only the sparse and CLS tokens, so the copy changes no target). Returns the names filled in.
+    Strict load with missing / unexpected keys and shape mismatches listed by name: the model's tensors, and the
+    EMA `teacher`'s under `teacher.` when there is one.
     """
-    copied = []
-    for name in list(converted):
-        teacher_name = "teacher." + name
-        if name.startswith("stellar.factorization.") and teacher_name not in converted:
-            converted[teacher_name] = converted[name].clone()
-            copied.append(teacher_name)
-    return copied
-
-
-def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -> None:
-    """Strict load with missing / unexpected keys and shape mismatches listed by name."""
     expected = model.state_dict()
+    if teacher is not None:
+        expected.update(teacher.state_dict(prefix=TEACHER_PREFIX))
     problems = []
     missing = sorted(set(expected) - set(converted))
     unexpected = sorted(set(converted) - set(expected))
@@ -1012,7 +1007,10 @@ def load_converted(model: torch.nn.Module, converted: dict[str, torch.Tensor]) -
         problems.append(f"shape mismatches: {mismatched}")
     if problems:
         raise CheckpointError("the checkpoint does not fit the inferred model; " + "; ".join(problems))
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict({name: tensor for name, tensor in converted.items() if not name.startswith(TEACHER_PREFIX)})
+    if teacher is not None:
+        teacher_state = {name.removeprefix(TEACHER_PREFIX): tensor for name, tensor in converted.items()}
+        teacher.load_state_dict({name: teacher_state[name] for name in teacher.state_dict()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1037,7 +1035,7 @@ def model_outputs(model: StellarPreTrainedModel, pixel_values: torch.Tensor) -> 
             pixel_values.shape[-2] // model.config.patch_size,
             pixel_values.shape[-1] // model.config.patch_size,
         )
-        result["prediction"] = model.decode_tokens(model.decoder(outputs.lowrank_features, grid_size), grid_size)
+        result["prediction"] = model.decode_lowrank(outputs.lowrank_features, grid_size)
     if getattr(model, "sparse_clustering_head", None) is not None:
         result["clustering_logits"] = model.sparse_clustering_head(outputs.sparse_tokens)
     if getattr(model, "cls_clustering_head", None) is not None:
@@ -1081,9 +1079,11 @@ def convert_checkpoint(
     `spatial_temperature=None` means scaled dot products (no temperature); leave it out to look it up.
 
     An original EMA teacher (`teacher_encoder.*`, `teacher_sparse_tokens`, `teacher_head.*`, `teacher_cls_head.*`)
-    becomes our `teacher` (`use_ema_teacher=True`) when the model is a `StellarForPreTraining`; for the other classes
-    its tensors are counted in a warning. Every dropped key is named in the log, and a checkpoint whose
-    hyper-parameters say `momentum_teacher=True` but that holds no teacher weights is reported.
+    is saved in the folder as `teacher.*` tensors beside the student's (`use_ema_teacher=True`) when the model is a
+    `StellarForPreTraining`; `StellarEMATeacher.from_pretrained(output_dir, model)` loads it, and so does
+    `examples/pretrain.py --model_name_or_path`. For the other classes its tensors are counted in a warning. Every
+    dropped key is named in the log, and a checkpoint whose hyper-parameters say `momentum_teacher=True` but that
+    holds no teacher weights is reported.
 
     Raises:
         MissingSettingError: a head count or the spatial temperature cannot be known (the message names the flags).
@@ -1107,8 +1107,8 @@ def convert_checkpoint(
         logger.warning(
             "the checkpoint's hyper-parameters say its run used an EMA teacher (%s=%r) but it holds no teacher "
             "weights (teacher_encoder.*, teacher_sparse_tokens, teacher_head.*): converted without one "
-            "(use_ema_teacher=False). To pretrain further with a teacher, load with use_ema_teacher=True and call "
-            "reset_teacher(), which starts a new teacher from the student",
+            "(use_ema_teacher=False). To pretrain further with a teacher, load with use_ema_teacher=True: "
+            "StellarEMATeacher.from_pretrained (and examples/pretrain.py) then starts a new teacher from the student",
             *teacher_flag,
         )
     if teacher and not keeps_teacher:
@@ -1121,16 +1121,9 @@ def convert_checkpoint(
         )
         converted = {name: tensor for name, tensor in converted.items() if not name.startswith("teacher.")}
     elif teacher:
-        copied = _complete_teacher(converted)
         logger.info(
-            "converted the EMA teacher: %d tensors -> teacher.*%s",
-            sum(name.startswith("teacher.") for name in converted) - len(copied),
-            (
-                f"; the original teacher has no dense_proj / sparse_proj (its targets read only the sparse and CLS "
-                f"tokens), so {', '.join(copied)} are copies of the student's"
-                if copied
-                else ""
-            ),
+            "converted the EMA teacher: %d tensors -> teacher.*",
+            sum(name.startswith(TEACHER_PREFIX) for name in converted),
         )
     if model_class is StellarModel:
         heads = [name for name in original if (target := rename_key(name)) and not target.startswith("stellar.")]
@@ -1147,18 +1140,25 @@ def convert_checkpoint(
             name.removeprefix("stellar."): tensor for name, tensor in converted.items() if name.startswith("stellar.")
         }
     model = model_class(config).eval()
-    load_converted(model, converted)
+    ema_teacher = StellarEMATeacher(config) if model_class is StellarForPreTraining and teacher else None
+    load_converted(model, converted, ema_teacher)
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
+    if ema_teacher is None:
+        model.save_pretrained(output_dir)
+    else:
+        ema_teacher.save_pretrained(output_dir, model)
     StellarImageProcessor.from_model_config(config).save_pretrained(output_dir)
     write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=push_to_hub)
 
     # transformers can leave parameters at their initial values without complaint: compare values, then outputs.
     reloaded = model_class.from_pretrained(output_dir).eval()
-    reloaded_state = reloaded.state_dict()
-    for name, tensor in model.state_dict().items():
+    state, reloaded_state = model.state_dict(), reloaded.state_dict()
+    if ema_teacher is not None:
+        state.update(ema_teacher.state_dict(prefix=TEACHER_PREFIX))
+        reloaded_state.update(StellarEMATeacher.from_pretrained(output_dir, reloaded).state_dict(prefix=TEACHER_PREFIX))
+    for name, tensor in state.items():
         if not torch.equal(tensor, reloaded_state[name]):
             raise RuntimeError(
                 f"reload check failed: `{name}` of the folder saved at {output_dir} differs from the converted model's"

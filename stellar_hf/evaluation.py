@@ -713,19 +713,20 @@ def reinitialize_reconstruction_modules(model: nn.Module, seed: int | None = Non
     Replace `model.decoder` and `model.reconstruction_head` by freshly initialised ones (the paper's reconstruction
     probe starts from scratch); the encoder and an attached VQ tokenizer are kept.
     """
-    tokenizer = model.__dict__.get("_vq_tokenizer")
+    from .modeling_stellar import StellarDecoder, reconstruction_head_for
+
     device, dtype = next(model.decoder.parameters()).device, next(model.decoder.parameters()).dtype
     # The new modules are built on the CPU, so only the CPU generator needs forking.
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        model.build_reconstruction_modules(model.config)
+        model.decoder = StellarDecoder(model.config)
+        model.reconstruction_head = reconstruction_head_for(model.config)
         # Fresh tensors carry no `_is_hf_initialized` flag, so `_init_weights` initialises them as in `post_init`.
         model.decoder.apply(model._init_weights)
         model.reconstruction_head.apply(model._init_weights)
     model.decoder.to(device=device, dtype=dtype)
     model.reconstruction_head.to(device=device, dtype=dtype)
-    model.__dict__["_vq_tokenizer"] = tokenizer
 
 
 def train_reconstruction_probe(
@@ -746,7 +747,7 @@ def train_reconstruction_probe(
     The encoder and factorization (`model.stellar`) are frozen and run without gradients; the decoder and
     reconstruction head are re-initialised (`reinitialize=True`) and trained with AdamW and a cosine schedule on the
     model's own reconstruction loss: MSE against the un-normalised image for the pixel target, cross-entropy against
-    the VQGAN codes for the VQ target (needs `vq_tokenizer` or an attached one).
+    the VQGAN codes for the VQ target (needs a tokenizer: `vq_tokenizer`, an attached one or the config's).
 
     Args:
         model: a `StellarForImageReconstruction` (or `StellarForPreTraining`), updated in place.
@@ -764,7 +765,7 @@ def train_reconstruction_probe(
     model.to(device)
     if reinitialize:
         reinitialize_reconstruction_modules(model, seed)
-    if model.config.reconstruction_target == "vq" and model.get_vq_tokenizer(vq_tokenizer, device) is None:
+    if model.config.reconstruction_target == "vq" and model.load_vq_tokenizer(vq_tokenizer) is None:
         raise ValueError("training a VQ-target decoder needs the MaskGIT VQGAN tokenizer to make its targets")
     model.stellar.requires_grad_(False).eval()
     trainable = [*model.decoder.parameters(), *model.reconstruction_head.parameters()]
@@ -784,9 +785,8 @@ def train_reconstruction_probe(
         pixel_values = next(iterator)["pixel_values"].to(device)
         with torch.no_grad():
             lowrank_features = model.stellar(pixel_values, return_dict=True).lowrank_features
-        grid_size = grid_size_of(pixel_values, model.config.patch_size)
-        prediction = model.decode_tokens(model.decoder(lowrank_features, grid_size), grid_size)
-        loss = model.reconstruction_loss(prediction, pixel_values, vq_tokenizer=vq_tokenizer)
+        prediction = model.decode_lowrank(lowrank_features, grid_size_of(pixel_values, model.config.patch_size))
+        loss = model.reconstruction_loss(prediction, pixel_values)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -821,6 +821,8 @@ def evaluate_reconstruction(
     metrics = metrics if metrics is not None else ReconstructionMetrics()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
+    if model.config.reconstruction_target == "vq" and model.load_vq_tokenizer(vq_tokenizer) is None:
+        raise ValueError("VQ-target reconstructions need the MaskGIT VQGAN tokenizer to decode codes to pixels")
     if progress:
         from tqdm.auto import tqdm
 
@@ -829,9 +831,7 @@ def evaluate_reconstruction(
         pixel_values = batch["pixel_values"].to(device)
         lowrank_features = model.stellar(pixel_values, return_dict=True).lowrank_features
         grid_size = grid_size_of(pixel_values, model.config.patch_size)
-        reconstruction, _ = model.reconstruct_from_lowrank(lowrank_features, grid_size, vq_tokenizer)
-        if reconstruction is None:
-            raise ValueError("VQ-target reconstructions need the MaskGIT VQGAN tokenizer to decode codes to pixels")
+        reconstruction = model.reconstruct(lowrank_features=lowrank_features, grid_size=grid_size)
         target = unnormalize(pixel_values.float(), model.config).clamp(0, 1)
         if reconstruction.shape[-2:] != target.shape[-2:]:
             target = F.interpolate(target, size=reconstruction.shape[-2:], mode="bicubic", antialias=True)

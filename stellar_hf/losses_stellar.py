@@ -3,13 +3,14 @@
 Everything here follows section 4 of the STELLAR spec:
 
 - `sinkhorn_knopp`: balanced soft cluster targets for every token of the global batch
-  (distributed-aware, CAPI-style `stable_exp` and reduced column sums).
+  (distributed-aware, CAPI-style `stable_exp` and reduced column sums); `clustering_targets`
+  applies it to head logits.
 - `clustering_cross_entropy`: cross-entropy between those targets and the tempered head logits.
 - `match_tokens` and `gather_matched_targets`: entropic optimal transport that pairs each
   masked-view sparse token with one sparse token of the main image, and the target lookup
-  through that pairing.
+  through that pairing; `matched_clustering_loss` chains them with the cross-entropy.
 - `koleo_loss`: the Kozachenko-Leonenko regulariser, per image, over its sparse tokens.
-- `masking_noise` and `random_masking`: MAE-style masking with optional "focal" noise, all
+- `masking_noise` and `kept_patch_indices`: MAE-style masking with optional "focal" noise, all
   randomness coming from an explicit `torch.Generator`.
 
 Symbols in shapes: B images, V views (or B × views, rows image-major), r sparse tokens,
@@ -21,6 +22,7 @@ The module imports nothing beyond torch, so it can travel with the model's remot
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -29,12 +31,14 @@ import torch.nn.functional as F
 __all__ = [
     "all_reduce_if_distributed",
     "clustering_cross_entropy",
+    "clustering_targets",
     "gather_matched_targets",
+    "kept_patch_indices",
     "koleo_loss",
     "masking_noise",
     "match_tokens",
+    "matched_clustering_loss",
     "num_kept_patches",
-    "random_masking",
     "sinkhorn_knopp",
     "stable_exp",
 ]
@@ -121,6 +125,21 @@ def sinkhorn_knopp(scores: torch.Tensor, num_iterations: int = 3, eps: float = 1
         plan = plan / (column_sums + eps)
         plan = plan / (plan.sum(dim=-1, keepdim=True) + eps)
     return plan.to(torch.promote_types(plan.dtype, torch.float32))
+
+
+def clustering_targets(logits: torch.Tensor, temperature: float = 0.06, num_iterations: int = 3) -> torch.Tensor:
+    """Sinkhorn-Knopp targets of head logits, over every token of the global batch.
+
+    Args:
+        logits: (B, T, C) prototype scores (any leading dimensions); not differentiated.
+        temperature: the target temperature (0.06 in STELLAR), applied before Sinkhorn-Knopp.
+        num_iterations: Sinkhorn-Knopp rounds.
+
+    Returns:
+        (B, T, C) float32 assignments: each token is a row of one (B * T, C) problem.
+    """
+    scores = logits.detach().flatten(0, -2) / temperature
+    return sinkhorn_knopp(scores, num_iterations).view_as(logits).float()
 
 
 def clustering_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 0.12) -> torch.Tensor:
@@ -210,6 +229,42 @@ def gather_matched_targets(assignments: torch.Tensor, index: torch.Tensor) -> to
     return assignments.reshape(-1, num_prototypes)[image.unsqueeze(1) * num_targets + index]
 
 
+def matched_clustering_loss(
+    predicted_tokens: torch.Tensor,
+    predicted_logits: torch.Tensor,
+    target_tokens: torch.Tensor,
+    assignments: torch.Tensor,
+    *,
+    temperature: float = 0.12,
+    epsilon: float = 0.1,
+    num_iterations: int = 5,
+) -> torch.Tensor:
+    """Each predicted token learns the clustering target of the target token it is matched to.
+
+    The tokens of each view are matched to their image's target tokens (`match_tokens`), the
+    targets looked up through that match (`gather_matched_targets`), and the cross-entropy taken
+    against the tempered logits (`clustering_cross_entropy`).
+
+    Args:
+        predicted_tokens: (B * V, r, d) tokens of V views per image, rows image-major.
+        predicted_logits: (B * V, r, C) their head logits.
+        target_tokens: (B, r', d) the tokens to match against (no gradient flows to them).
+        assignments: (B, r', C) the targets of those tokens.
+        temperature: prediction temperature; epsilon, num_iterations: the matcher's.
+
+    Returns:
+        Scalar tensor, averaged over every predicted token.
+    """
+    num_views = predicted_tokens.shape[0] // target_tokens.shape[0]
+    index, _ = match_tokens(
+        predicted_tokens,
+        target_tokens.repeat_interleave(num_views, dim=0),
+        epsilon=epsilon,
+        num_iterations=num_iterations,
+    )
+    return clustering_cross_entropy(predicted_logits, gather_matched_targets(assignments, index), temperature)
+
+
 def koleo_loss(tokens: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Kozachenko-Leonenko entropy regulariser over the sparse tokens of each image.
 
@@ -259,7 +314,7 @@ def masking_noise(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Per-patch noise for `random_masking`, optionally "focal" (lowered around one patch).
+    """Per-patch noise for `kept_patch_indices`, optionally "focal" (lowered around one patch).
 
     Uniform noise in [0, 1); for each row, with probability `focal_probability`, a Gaussian
     bump of height 1 is subtracted around a random patch, so the lowest-noise (kept) patches
@@ -311,7 +366,7 @@ def masking_noise(
 
 
 def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
-    """How many of `num_patches` patches `random_masking` keeps at `mask_ratio` (at least one).
+    """How many of `num_patches` patches masking keeps at `mask_ratio` (at least one).
 
     Truncates like the original (`int(N * (1 - ratio))`), floating-point error included, so
     sequence lengths match its checkpoints' training.
@@ -321,33 +376,49 @@ def num_kept_patches(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
-def random_masking(
-    sequence: torch.Tensor, noise: torch.Tensor, mask_ratio: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MAE-style masking: keep the lowest-noise patches of each row.
+def kept_patch_indices(noise: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+    """MAE-style masking: the patches each row keeps, the lowest-noise ones.
 
     Args:
-        sequence: (B, N, D) patch embeddings (position embeddings already added).
         noise: (B, N) per-patch noise, e.g. from `masking_noise`.
         mask_ratio: fraction of patches to remove; `num_kept_patches` gives the kept count.
 
     Returns:
+        (B, N_keep) int64 patch indices (row-major in the patch grid), in increasing noise order.
+    """
+    if noise.dim() != 2:
+        raise ValueError(f"noise must be (B, N), got {tuple(noise.shape)}")
+    num_kept = num_kept_patches(noise.shape[1], mask_ratio)
+    # A stable sort makes ties (e.g. hand-made noise) resolve the same way on every device.
+    return torch.argsort(noise, dim=1, stable=True)[:, :num_kept]
+
+
+def random_masking(
+    sequence: torch.Tensor, noise: torch.Tensor, mask_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deprecated: `kept_patch_indices`, which the models use. MAE-style masking of a sequence.
+
+    Args:
+        sequence: (B, N, D) patch embeddings (position embeddings already added).
+        noise: (B, N) per-patch noise, e.g. from `masking_noise`.
+        mask_ratio: fraction of patches to remove.
+
+    Returns:
         kept: (B, N_keep, D) the kept patches, in increasing noise order.
         mask: (B, N) float32, 0 for kept and 1 for removed patches, in the original order.
-        ids_restore: (B, N) int64, the permutation that undoes the noise sort (for decoders
-            that put mask tokens back in place).
+        ids_restore: (B, N) int64, the permutation that undoes the noise sort.
     """
+    warnings.warn(
+        "random_masking is deprecated: use kept_patch_indices(noise, mask_ratio)", FutureWarning, stacklevel=2
+    )
     batch_size, num_patches, width = sequence.shape
     if noise.shape != (batch_size, num_patches):
         raise ValueError(f"noise must be {(batch_size, num_patches)}, got {tuple(noise.shape)}")
-    len_keep = num_kept_patches(num_patches, mask_ratio)
     noise = noise.to(sequence.device)
-    # A stable sort makes ties (e.g. hand-made noise) resolve the same way on every device.
-    ids_shuffle = torch.argsort(noise, dim=1, stable=True)  # (B, N), ascending: first ones are kept
+    ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1, stable=True)
-    ids_keep = ids_shuffle[:, :len_keep]
+    ids_keep = kept_patch_indices(noise, mask_ratio)
     kept = sequence.gather(1, ids_keep.unsqueeze(-1).expand(-1, -1, width))
     mask = torch.ones(batch_size, num_patches, device=sequence.device)
-    mask[:, :len_keep] = 0
-    mask = mask.gather(1, ids_restore)
-    return kept, mask, ids_restore
+    mask[:, : ids_keep.shape[1]] = 0
+    return kept, mask.gather(1, ids_restore), ids_restore

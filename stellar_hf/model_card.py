@@ -698,12 +698,14 @@ with torch.no_grad():
     )
     if tokenizer:
         intro += (
-            f" This checkpoint's config names it: `vq_tokenizer_name_or_path = {json.dumps(tokenizer)}`, which the "
-            "model loads on first use (pass another with `model.set_vq_tokenizer(folder_or_id)`)." + released
+            f" This checkpoint's config names it: `vq_tokenizer_name_or_path = {json.dumps(tokenizer)}`, which "
+            "`model.load_vq_tokenizer()` attaches once (attach another with `model.set_vq_tokenizer(folder_or_id)`)."
+            + released
         )
         decode = "    {name} = model.reconstruct({tokens}, {where})\n"
+        attach = ".eval()\nmodel.load_vq_tokenizer()  # the MaskGIT VQGAN the config names: codes -> pixels\n"
         body = (
-            head
+            head.replace(".eval()\n", attach, 1)
             + "    picture = outputs.reconstruction.clamp(0, 1)  # the VQGAN's decoding of the predicted codes\n"
             + "\n"
             + _edit_lines(config, decode)
@@ -723,7 +725,7 @@ with torch.no_grad():
         f"({grid} x {grid}), as a `MaskGitVQGANModel` folder: `model.set_vq_tokenizer(folder)` before calling "
         "the model; `model.reconstruct(tokens, where)` then decodes edited factors into images." + released
     )
-    decode = "    _, {name} = model.reconstruct_from_lowrank(torch.bmm({where}, {tokens}), " + f"({grid}, {grid}))\n"
+    decode = "    {name} = model.decode_lowrank(torch.bmm({where}, {tokens}), " + f"({grid}, {grid}))\n"
     body = (
         head
         + "    codes = outputs.logits.argmax(-1)  # the predicted VQGAN code of each patch\n"

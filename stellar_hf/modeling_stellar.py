@@ -1,30 +1,49 @@
-"""PyTorch STELLAR: sparse semantic tokens ("what") times a spatial assignment map ("where")."""
+"""PyTorch STELLAR: sparse semantic tokens ("what") times a spatial assignment map ("where").
 
+Reading order, following one `pixel_values`:
+
+- input checks (`check_pixel_values`, `check_input_values`);
+- the encoder, a pre-norm ViT with r sparse tokens appended after the patches (`StellarEmbeddings`, `StellarAttention`,
+  `StellarLayer`, `StellarTransformer`) and the spatial-semantic factorization (`StellarFactorization`);
+- the reconstruction decoder and heads (`StellarDecoder`, `StellarClusteringHead`);
+- the models: `StellarModel` (encoder + factorization), `StellarForImageClassification` (the linear probe),
+  `StellarDecodingModel` (the one decode path: low-rank features or factors -> image, and the VQ tokenizer),
+  `StellarForImageReconstruction`, and `StellarForPreTraining`, whose `forward` runs the named steps of the objective
+  (spec section 4) down to the loss. The row-subset encoder pass that masked and local views use lives with it.
+
+The EMA teacher is training state, not part of any model here: see `stellar_hf.pretraining.StellarEMATeacher`.
+"""
+
+import importlib
 import logging
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_stellar import StellarConfig
 from .losses_stellar import (
     clustering_cross_entropy,
-    gather_matched_targets,
+    clustering_targets,
+    kept_patch_indices,
     koleo_loss,
     masking_noise,
-    match_tokens,
-    num_kept_patches,
-    sinkhorn_knopp,
+    matched_clustering_loss,
 )
 
 logger = logging.getLogger(__name__)
@@ -75,10 +94,11 @@ class StellarReconstructionOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*): MSE against the un-normalised input (pixel target) or
-            cross-entropy against the VQGAN codes of the input (VQ target, when codes or a tokenizer are available).
+            cross-entropy against the VQGAN codes of the input (VQ target: `labels`, or the attached tokenizer's
+            codes of the input).
         reconstruction (`torch.FloatTensor` of shape `(B, C, H, W)`, *optional*): the image on the [0, 1] scale. Pixel
             target: the head's raw, unclamped output. VQ target: the VQGAN decoding of the argmax codes, when a
-            tokenizer is available.
+            tokenizer is attached.
         logits (`torch.FloatTensor` of shape `(B, N, codebook_size)`, *optional*): VQ target only, per-patch logits.
         sparse_tokens, spatial_map, lowrank_features: as in [`StellarModelOutput`].
         hidden_states, attentions: of the encoder, as in [`StellarModelOutput`].
@@ -94,6 +114,59 @@ class StellarReconstructionOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
+@dataclass
+class StellarForPreTrainingOutput(ModelOutput):
+    """
+    Output of [`StellarForPreTraining`]: the total loss, every weighted component (for logging), and the main
+    image's factors.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`): `reconstruction_weight * reconstruction_loss + koleo_loss +
+            clustering_loss + cls_clustering_loss + mask_loss + cls_loss`.
+        reconstruction_loss (`()`): unweighted MSE (pixel) or cross-entropy (VQ).
+        koleo_loss (`()`): weighted KoLeo on the main image's and the masked views' sparse tokens.
+        clustering_loss, cls_clustering_loss (`()`): online clustering of the main image's sparse / CLS tokens.
+        mask_loss (`()`): masked-view sparse tokens predicting their matched targets (0 without global views).
+        cls_loss (`()`): masked-view and local-view CLS predicting the CLS targets (0 without views).
+        reconstruction (`(B, C, H, W)`, *optional*): pixel target: the raw reconstruction on the [0, 1] scale.
+        logits (`(B, N, V)`, *optional*): VQ target: per-patch code logits.
+        sparse_tokens (`(B, r, d)`), spatial_map (`(B, N, r)`), cls_embedding (`(B, d)`): of the main image.
+        assignments (`(B, r, C)`): the Sinkhorn-Knopp targets of the sparse tokens.
+    """
+
+    loss: torch.FloatTensor | None = None
+    reconstruction_loss: torch.FloatTensor | None = None
+    koleo_loss: torch.FloatTensor | None = None
+    clustering_loss: torch.FloatTensor | None = None
+    cls_clustering_loss: torch.FloatTensor | None = None
+    mask_loss: torch.FloatTensor | None = None
+    cls_loss: torch.FloatTensor | None = None
+    reconstruction: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    sparse_tokens: torch.FloatTensor | None = None
+    spatial_map: torch.FloatTensor | None = None
+    cls_embedding: torch.FloatTensor | None = None
+    assignments: torch.FloatTensor | None = None
+
+
+@dataclass
+class StellarPreTrainingTargets(ModelOutput):
+    """
+    What the clustering losses of [`StellarForPreTraining`] predict, for B images. Without a teacher the model makes
+    them from its own main-image outputs ([`StellarForPreTraining.self_distillation_targets`]); with an EMA teacher
+    they come from `stellar_hf.pretraining.StellarEMATeacher` and are passed as `teacher_targets`.
+
+    Args:
+        tokens (`(B, r, d)`): the sparse tokens that predicted tokens are matched to (no gradient).
+        assignments (`(B, r, C)`): their Sinkhorn-Knopp clustering targets.
+        cls_assignments (`(B, 1, C)`, *optional*): the CLS clustering targets; `None` without CLS clustering.
+    """
+
+    tokens: torch.FloatTensor | None = None
+    assignments: torch.FloatTensor | None = None
+    cls_assignments: torch.FloatTensor | None = None
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Input checks
 # ----------------------------------------------------------------------------------------------------------------------
@@ -106,74 +179,82 @@ class StellarReconstructionOutput(ModelOutput):
 # holds nothing above 65504 at all. The bound is a property of images, not of the weights, so it is the same for
 # every dtype and model size.
 PIXEL_VALUE_LIMIT = 1e4
+PIXEL_VALUE_LIMIT_REASON = (
+    ": normalised images lie within a few units of 0 (ImageNet statistics map [0, 1] images to [-2.12, 2.64]), and "
+    "values this large overflow the encoder (its LayerNorm squares the patch embeddings) to NaN; normalise the images "
+    "with StellarImageProcessor"
+)
 
 
-def check_finite(tensor: torch.Tensor, name: str, limit: float | None = None, why: str = "") -> None:
+def check_input_values(tensors: dict[str, torch.Tensor], limit: float | None = None, why: str = "") -> None:
     """
-    Raise `ValueError` when `tensor` (non-empty, floating point) holds NaN, an infinity or, with `limit`, a value of
-    magnitude above `limit`; the message says what was found and, for the bound, `why` it is refused.
+    Raise `ValueError` naming the first of `tensors` (non-empty, floating point) that holds NaN, an infinity or, with
+    `limit`, a value of magnitude above `limit`; the message says what was found and, for the bound, `why` it is
+    refused.
 
-    One `aminmax` reduction and one host sync on the passing path: NaN propagates through min and max, and fails
-    every comparison, so the single bound test below also catches NaN and infinities.
+    The passing path reads each tensor once (one `aminmax`; NaN propagates through min and max and fails every
+    comparison) and syncs with the host once, however many tensors are checked. Skipped under `torch.compile` (a
+    data-dependent branch would break the graph).
     """
-    lowest, highest = torch.aminmax(tensor.detach())
-    bound = torch.finfo(tensor.dtype).max if limit is None else limit
-    if bool((lowest >= -bound) & (highest <= bound)):
+    if torch.compiler.is_compiling():
         return
-    lowest, highest = lowest.item(), highest.item()
-    if not (math.isfinite(lowest) and math.isfinite(highest)):
-        raise ValueError(f"{name} contains NaN or infinite values (min {lowest}, max {highest})")
-    raise ValueError(
-        f"{name} holds values of magnitude up to {max(-lowest, highest):.3g} (min {lowest:.3g}, max {highest:.3g}), "
-        f"beyond the limit of {limit:g}{why}"
-    )
+    bounds = torch.stack([torch.stack(torch.aminmax(tensor.detach())).float() for tensor in tensors.values()])
+    lowest, highest = bounds.unbind(dim=1)
+    if limit is None:
+        passing = torch.isfinite(lowest) & torch.isfinite(highest)
+    else:
+        passing = (lowest >= -limit) & (highest <= limit)
+    if bool(passing.all()):
+        return
+    for name, (low, high), passed in zip(tensors, bounds.tolist(), passing.tolist()):
+        if passed:
+            continue
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name} contains NaN or infinite values (min {low}, max {high})")
+        raise ValueError(
+            f"{name} holds values of magnitude up to {max(-low, high):.3g} (min {low:.3g}, max {high:.3g}), beyond "
+            f"the limit of {limit:g}{why}"
+        )
 
 
-def check_pixel_values(pixel_values: torch.Tensor, num_channels: int, patch_size: int) -> None:
+def check_pixel_values(
+    pixel_values: torch.Tensor, num_channels: int, patch_size: int, name: str = "pixel_values", values: bool = True
+) -> None:
     """
     Raise `ValueError` with the reason when `pixel_values` cannot be encoded.
 
     Args:
         pixel_values: expected `(B, num_channels, H, W)` with B >= 1, H and W positive multiples of `patch_size`,
             floating point, finite and within `PIXEL_VALUE_LIMIT` in magnitude (normalised images; see the constant
-            for why larger values are refused). The value checks cost one reduction and are skipped under
-            `torch.compile` (a data-dependent branch would break the graph).
+            for why larger values are refused).
+        name: the argument named in the messages.
+        values: also check the values (one reduction and a host sync, see [`check_input_values`]); callers that
+            check several inputs at once pass `False` and call `check_input_values` themselves.
     """
     if not isinstance(pixel_values, torch.Tensor):
-        raise ValueError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(pixel_values).__name__}")
     if not pixel_values.is_floating_point():
         raise ValueError(
-            f"pixel_values must be a floating-point tensor of normalised images, got {pixel_values.dtype}; "
+            f"{name} must be a floating-point tensor of normalised images, got {pixel_values.dtype}; "
             "use StellarImageProcessor to turn images into pixel_values"
         )
     if pixel_values.ndim != 4:
         raise ValueError(
-            f"pixel_values must be a 4-D tensor (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
+            f"{name} must be a 4-D tensor (batch, channels, height, width), got shape {tuple(pixel_values.shape)}"
         )
     batch_size, channels, height, width = pixel_values.shape
     if batch_size == 0:
         # Refused rather than answered with empty outputs: the pretraining losses (means, Sinkhorn) have no value
         # for an empty batch, and one rule for every model class is simpler to rely on.
-        raise ValueError(
-            f"pixel_values has an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image"
-        )
+        raise ValueError(f"{name} has an empty batch (shape {tuple(pixel_values.shape)}); pass at least one image")
     if channels != num_channels:
-        raise ValueError(f"pixel_values has {channels} channels but the model expects {num_channels}")
+        raise ValueError(f"{name} has {channels} channels but the model expects {num_channels}")
     if height < patch_size or width < patch_size:
         raise ValueError(f"image of {height}x{width} pixels is smaller than one {patch_size}x{patch_size} patch")
     if height % patch_size or width % patch_size:
         raise ValueError(f"image sides ({height}x{width}) must be multiples of the patch size {patch_size}")
-    if not torch.compiler.is_compiling():
-        check_finite(
-            pixel_values,
-            "pixel_values",
-            PIXEL_VALUE_LIMIT,
-            why=(
-                ": normalised images lie within a few units of 0 (ImageNet statistics map [0, 1] images to "
-                "[-2.12, 2.64]), and values this large overflow the encoder (its LayerNorm squares the patch "
-                "embeddings) to NaN; normalise the images with StellarImageProcessor"
-            ),
-        )
+    if values:
+        check_input_values({name: pixel_values}, PIXEL_VALUE_LIMIT, PIXEL_VALUE_LIMIT_REASON)
 
 
 def check_factors(sparse_tokens: torch.Tensor, spatial_map: torch.Tensor, hidden_size: int) -> None:
@@ -209,9 +290,61 @@ def check_factors(sparse_tokens: torch.Tensor, spatial_map: torch.Tensor, hidden
             f"sparse_tokens {tuple(sparse_tokens.shape)} and spatial_map {tuple(spatial_map.shape)} are empty; "
             "decoding needs at least one image, one token and one patch"
         )
-    if not torch.compiler.is_compiling():
-        check_finite(sparse_tokens, "sparse_tokens")
-        check_finite(spatial_map, "spatial_map")
+    check_input_values({"sparse_tokens": sparse_tokens, "spatial_map": spatial_map})
+
+
+def check_lowrank_features(lowrank_features: torch.Tensor, hidden_size: int) -> None:
+    """Raise `ValueError` unless `lowrank_features` is a non-empty, finite, floating-point `(B, N, hidden_size)`."""
+    if not isinstance(lowrank_features, torch.Tensor) or not lowrank_features.is_floating_point():
+        kind = lowrank_features.dtype if isinstance(lowrank_features, torch.Tensor) else type(lowrank_features).__name__
+        raise ValueError(f"lowrank_features must be a floating-point torch.Tensor, got {kind}")
+    if lowrank_features.ndim != 3 or lowrank_features.shape[-1] != hidden_size or 0 in lowrank_features.shape:
+        raise ValueError(
+            f"lowrank_features must have shape (batch, num_patches, {hidden_size}) with at least one image and one "
+            f"patch, got {tuple(lowrank_features.shape)}"
+        )
+    check_input_values({"lowrank_features": lowrank_features})
+
+
+def check_grid_size(grid_size, num_patches: int) -> tuple[int, int]:
+    """`grid_size` checked to hold `num_patches` patches, or the square grid when it is `None`; else `ValueError`."""
+    if grid_size is None:
+        side = math.isqrt(num_patches)
+        if side * side != num_patches:
+            raise ValueError(f"{num_patches} patches are not a square grid; pass grid_size=(height, width)")
+        return side, side
+    if (
+        not isinstance(grid_size, (tuple, list))
+        or len(grid_size) != 2
+        or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in grid_size)
+        or grid_size[0] * grid_size[1] != num_patches
+    ):
+        raise ValueError(
+            f"grid_size must be (height, width), positive integers with height * width = {num_patches} (the "
+            f"rows of spatial_map), got {grid_size}"
+        )
+    return tuple(grid_size)
+
+
+def check_class_labels(labels: torch.Tensor, num_labels: int) -> None:
+    """Integer labels are class indices: each in `[0, num_labels)`, or -100 (ignored by the loss); else `ValueError`."""
+    if labels.is_floating_point() or not labels.numel():
+        return
+    valid = ((labels >= 0) & (labels < num_labels)) | (labels == -100)
+    if not bool(valid.all()):
+        raise ValueError(f"labels must lie in [0, {num_labels}) (or be -100, ignored), got {labels.tolist()}")
+
+
+def grid_size_of(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
+    """`(B, C, H, W)` -> the patch grid `(H / p, W / p)`."""
+    return pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
+
+
+def unnormalize(pixel_values: torch.Tensor, config: StellarConfig) -> torch.Tensor:
+    """Undo the image processor's normalisation: `(B, C, H, W)` normalised -> `(B, C, H, W)` on the [0, 1] scale."""
+    mean = torch.tensor(config.image_mean, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(config.image_std, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
+    return pixel_values * std + mean
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -228,21 +361,20 @@ class StellarPatchEmbeddings(nn.Module):
             config.num_channels, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size
         )
 
-    def forward(self, pixel_values: torch.Tensor, keep_indices: torch.LongTensor | None = None) -> torch.Tensor:
-        """
-        Args:
-            pixel_values: `(B, C, H, W)`; a remainder of H or W beyond a multiple of the patch size is ignored, as
-                the strided convolution does.
-            keep_indices: `(B, N_keep)` row-major indices of the patches to embed, or `None` for all N.
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`(B, C, H, W)` -> `(B, N, d)`; a remainder of H or W beyond a multiple of the patch size is ignored, as
+        the strided convolution does."""
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
-        Returns:
-            `(B, N, d)`, or `(B, N_keep, d)` in the order of `keep_indices`.
+    def embed_kept_patches(self, pixel_values: torch.Tensor, keep_indices: torch.LongTensor) -> torch.Tensor:
         """
-        if keep_indices is None:
-            return self.projection(pixel_values).flatten(2).transpose(1, 2)
-        # The strided convolution is one matmul per patch: project only the kept patches (masked views keep 20%),
-        # read straight from the unfolded view so that only they are copied.
-        batch_size, channels = pixel_values.shape[:2]
+        `forward(pixel_values)` gathered at `keep_indices` `(B, N_keep)` (row-major patch indices), computing only
+        those rows: `(B, N_keep, d)`.
+
+        The strided convolution is one matmul per patch, so the kept patches (masked views keep 20%) are projected
+        straight from the unfolded view, and only they are copied.
+        """
+        batch_size = pixel_values.shape[0]
         size = self.projection.kernel_size[0]
         patches = pixel_values.unfold(2, size, size).unfold(3, size, size)  # (B, C, h, w, p, p), a view
         grid_width = patches.shape[3]
@@ -256,7 +388,8 @@ class StellarEmbeddings(nn.Module):
     Builds the encoder sequence `[CLS, patches, sparse tokens]`.
 
     CLS and patches get learned absolute position embeddings; the r sparse tokens are appended afterwards with none,
-    like registers. Masked views keep a subset of the patches after the position embeddings are added.
+    like registers. As in `ViTMAEEmbeddings`, masking happens here: masked views keep a subset of the patches, after
+    their position embeddings are added.
     """
 
     def __init__(self, config: StellarConfig):
@@ -304,15 +437,18 @@ class StellarEmbeddings(nn.Module):
         """
         Args:
             pixel_values: `(B, C, H, W)`, normalised.
-            interpolate_pos_encoding: `None` interpolates whenever the size differs from `config.image_size`;
-                `False` refuses other sizes.
-            patch_keep_indices: `(B, N_keep)` indices of the patches to keep (masked views), or `None` for all.
+            interpolate_pos_encoding: as in [`StellarModel.forward`]: `None` interpolates whenever the size differs
+                from `config.image_size`, `False` refuses other sizes.
+            patch_keep_indices: `(B, N_keep)` indices of the patches a masked view keeps, or `None` for all.
 
         Returns:
             `(B, 1 + N_keep + r, d)` embeddings.
         """
         batch_size, _, height, width = pixel_values.shape
-        patches = self.patch_embeddings(pixel_values, patch_keep_indices)
+        if patch_keep_indices is None:
+            patches = self.patch_embeddings(pixel_values)
+        else:
+            patches = self.patch_embeddings.embed_kept_patches(pixel_values, patch_keep_indices)
         num_patches = (height // self.patch_size) * (width // self.patch_size)
         same_size = height == self.image_size and width == self.image_size
         if interpolate_pos_encoding is False and not same_size:
@@ -339,17 +475,17 @@ def eager_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float,
     dropout: float = 0.0,
-    **kwargs,
+    **kwargs: Unpack[TransformersKwargs],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     Plain softmax attention.
 
     Args:
-        query, key, value: `(B, heads, S, head_dim)`.
-        attention_mask: additive mask broadcastable to `(B, heads, S, S)`, or `None`.
+        query: `(B, heads, S_q, head_dim)`; key, value: `(B, heads, S, head_dim)`.
+        attention_mask: additive mask broadcastable to `(B, heads, S_q, S)`, or `None`.
 
     Returns:
-        output `(B, S, heads, head_dim)` and probabilities `(B, heads, S, S)`.
+        output `(B, S_q, heads, head_dim)` and probabilities `(B, heads, S_q, S)`.
     """
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -379,23 +515,24 @@ class StellarAttention(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        query_rows: torch.LongTensor | slice | None = None,
+        key_value_states: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
-        `(B, S, D)` -> `(B, S, D)` and, when asked, the attention probabilities `(B, heads, S, S)`. With
-        `query_rows` (an index tensor or slice over S), only those rows attend, to every row: `(B, S_q, D)` and
-        probabilities `(B, heads, S_q, S)`.
+        `(B, S, D)` -> `(B, S, D)` and the attention probabilities `(B, heads, S, S)` (`None` from fused kernels).
+        With `key_value_states` `(B, S_kv, D)` the keys and values come from those rows instead (probabilities
+        `(B, heads, S, S_kv)`); the pretraining path uses it to compute only some rows of a layer.
         """
+        if key_value_states is None:
+            key_value_states = hidden_states
         batch_size, length, _ = hidden_states.shape
-        queries = hidden_states if query_rows is None else hidden_states[:, query_rows]
-        shape = (batch_size, length, self.num_heads, self.head_dim)
-        query = self.q_proj(queries).view(batch_size, queries.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        query = self.q_proj(hidden_states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        shape = (batch_size, key_value_states.shape[1], self.num_heads, self.head_dim)
+        key = self.k_proj(key_value_states).view(shape).transpose(1, 2)
+        value = self.v_proj(key_value_states).view(shape).transpose(1, 2)
         attention_function: Callable = eager_attention_forward
         # Fused kernels do not return the probabilities, so a call that asks for them runs the eager path.
-        if not output_attentions:
+        if not kwargs.get("output_attentions", self.config.output_attentions):
             attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
@@ -407,9 +544,9 @@ class StellarAttention(nn.Module):
             None,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
+            **kwargs,
         )
-        output = self.o_proj(output.reshape(batch_size, queries.shape[1], -1))
-        return output, probabilities if output_attentions else None
+        return self.o_proj(output.reshape(batch_size, length, -1)), probabilities
 
 
 class StellarMLP(nn.Module):
@@ -436,25 +573,14 @@ class StellarLayer(GradientCheckpointingLayer):
         self.mlp = StellarMLP(config, hidden_size, intermediate_size)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        output_rows: torch.LongTensor | slice | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`(B, S, D)` -> `(B, S, D)`, or `(B, S_out, D)` for `output_rows` (keys and values still use every row)."""
-        attention_output, probabilities = self.attention(
-            self.layernorm_before(hidden_states), output_attentions, query_rows=output_rows
-        )
-        if output_rows is not None:
-            hidden_states = hidden_states[:, output_rows]
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        attention_output, _ = self.attention(self.layernorm_before(hidden_states), **kwargs)
         hidden_states = hidden_states + self.dropout(attention_output)
-        hidden_states = hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
-        return hidden_states, probabilities
+        return hidden_states + self.dropout(self.mlp(self.layernorm_after(hidden_states)))
 
 
 class StellarTransformer(nn.Module):
-    """A stack of [`StellarLayer`] followed by a LayerNorm; used as encoder and as decoder."""
+    """A stack of [`StellarLayer`] followed by a LayerNorm, `(B, S, D) -> (B, S, D)`; used as encoder and decoder."""
 
     def __init__(self, config: StellarConfig, hidden_size: int, num_layers: int, num_heads: int, intermediate_size: int):
         super().__init__()
@@ -463,39 +589,10 @@ class StellarTransformer(nn.Module):
         )
         self.layernorm = nn.LayerNorm(hidden_size, eps=config.layer_norm_eps)
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        output_attentions: bool = False,
-        output_hidden_states: bool = False,
-        output_rows: torch.LongTensor | slice | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
-        """
-        Args:
-            hidden_states: `(B, S, D)`.
-            output_rows: the rows to return (an index tensor or a slice over S), or `None` for all. Only the last
-                layer skips the other rows (its keys and values still come from every row). Refused together with
-                `output_attentions` or `output_hidden_states`.
-
-        Returns:
-            the normalised sequence `(B, S, D)` (`(B, S_out, D)` with `output_rows`); the input and each layer's
-            output (`num_layers + 1` tensors, the last before the final LayerNorm) when `output_hidden_states`; each
-            layer's attention probabilities when `output_attentions`.
-        """
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        all_attentions = () if output_attentions else None
-        if output_rows is not None and (output_attentions or output_hidden_states):
-            raise ValueError("output_rows cannot be combined with output_attentions or output_hidden_states")
-        last = len(self.layers) - 1
-        for index, layer in enumerate(self.layers):
-            # Only the last layer can skip rows: every earlier output is a key and value of the next layer.
-            rows = output_rows if index == last else None
-            hidden_states, probabilities = layer(hidden_states, output_attentions=output_attentions, output_rows=rows)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            if output_attentions:
-                all_attentions += (probabilities,)
-        return self.layernorm(hidden_states), all_hidden_states, all_attentions
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Unpack[TransformersKwargs]) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, **kwargs)
+        return self.layernorm(hidden_states)
 
 
 class StellarFactorization(nn.Module):
@@ -582,7 +679,19 @@ class StellarDecoder(nn.Module):
             raise ValueError(f"{lowrank_features.shape[1]} tokens do not fill a {height}x{width} grid")
         hidden_states = self.decoder_proj(lowrank_features)
         hidden_states = hidden_states + self.position_encoding(height, width).to(hidden_states.dtype)
-        return self.transformer(hidden_states)[0]
+        return self.transformer(hidden_states)
+
+
+def reconstruction_head_for(config: StellarConfig) -> nn.Module:
+    """
+    The head on the decoder tokens: pixel target, `ConvTranspose2d(d_dec -> C, kernel p, stride p)` on the token grid
+    (p the encoder's patch size); VQ target, `Linear(d_dec -> V)` logits per patch.
+    """
+    if config.reconstruction_target == "pixel":
+        return nn.ConvTranspose2d(
+            config.decoder_hidden_size, config.num_channels, kernel_size=config.patch_size, stride=config.patch_size
+        )
+    return nn.Linear(config.decoder_hidden_size, config.vq_codebook_size)
 
 
 class StellarPrototypes(nn.Linear):
@@ -622,6 +731,23 @@ class StellarClusteringHead(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+# Every STELLAR head, by the transformers Auto class that loads it (written into each saved config).
+STELLAR_AUTO_MAP = {
+    "AutoConfig": "configuration_stellar.StellarConfig",
+    "AutoModel": "modeling_stellar.StellarModel",
+    "AutoModelForImageClassification": "modeling_stellar.StellarForImageClassification",
+    "AutoModelForImageToImage": "modeling_stellar.StellarForImageReconstruction",
+    "AutoModelForPreTraining": "modeling_stellar.StellarForPreTraining",
+}
+
+# Saved weights that belong to no model class: the EMA teacher of a pretraining run (`teacher.*`), training state
+# that `stellar_hf.pretraining.StellarEMATeacher.from_pretrained` reads. Every class skips it without a report.
+TRAINING_STATE_KEYS = [r"^teacher\."]
+# Weights of the larger heads, which a smaller class loaded from their folders leaves behind on purpose.
+DECODER_KEYS = [r"^decoder\.", r"^reconstruction_head\."]
+CLUSTERING_KEYS = [r"clustering_head\."]
+
+
 class StellarPreTrainedModel(PreTrainedModel):
     """Weight initialisation and the transformers contract shared by every STELLAR model."""
 
@@ -636,6 +762,9 @@ class StellarPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True
+    _can_record_outputs = {"hidden_states": StellarLayer, "attentions": StellarAttention}
+    _keys_to_ignore_on_load_unexpected = TRAINING_STATE_KEYS
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -655,10 +784,21 @@ class StellarPreTrainedModel(PreTrainedModel):
             init.normal_(module.gaussian_matrix, mean=0.0, std=1.0)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus an `auto_map` naming every STELLAR head, so that a folder saved
-        from any of them loads each head with `trust_remote_code=True` in a process without stellar_hf."""
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **STELLAR_AUTO_MAP}
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        """
+        `PreTrainedModel.save_pretrained`, with an `auto_map` in the saved config that names every STELLAR head, so
+        that a folder saved from any of them loads each head with `trust_remote_code=True` in a process without
+        stellar_hf. The model's own config is left as it was.
+        """
+        had_auto_map = hasattr(self.config, "auto_map")
+        auto_map = getattr(self.config, "auto_map", None)
+        self.config.auto_map = {**(auto_map or {}), **STELLAR_AUTO_MAP}
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had_auto_map:
+                self.config.auto_map = auto_map
+            else:
+                del self.config.auto_map
 
 
 class StellarModel(StellarPreTrainedModel):
@@ -670,13 +810,12 @@ class StellarModel(StellarPreTrainedModel):
     patch tokens, the CLS token and `pooler_output`, the mean of the sparse tokens.
     """
 
-    # Loading the encoder out of a reconstruction or pretraining folder leaves these behind on purpose.
-    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^reconstruction_head\.", r"clustering_head\.", r"^teacher\."]
+    _keys_to_ignore_on_load_unexpected = TRAINING_STATE_KEYS + DECODER_KEYS + CLUSTERING_KEYS
 
     def __init__(self, config: StellarConfig, add_factorization: bool = True):
         r"""
         add_factorization (`bool`, defaults to `True`): build the spatial-semantic factorization. Heads that read
-            only tokens (the linear probe) leave it out, so that every parameter they hold gets a gradient.
+            only tokens (the linear probe, the EMA teacher) leave it out, so that every parameter they hold is used.
         """
         super().__init__(config)
         self.embeddings = StellarEmbeddings(config)
@@ -689,6 +828,51 @@ class StellarModel(StellarPreTrainedModel):
     def get_input_embeddings(self) -> StellarPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    def split_sequence(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(B, 1 + N + r, d)` -> CLS `(B, d)`, patches `(B, N, d)`, sparse tokens `(B, r, d)`."""
+        num_sparse = self.config.num_sparse_tokens
+        prefix = self.config.num_prefix_tokens
+        return sequence[:, 0], sequence[:, prefix:-num_sparse], sequence[:, -num_sparse:]
+
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        check_values: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> StellarModelOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images; H and W multiples of the
+                patch size.
+            interpolate_pos_encoding (`bool`, *optional*): unlike ViT, whose default `False` refuses other sizes,
+                the default `None` resizes the position embeddings whenever the image differs from
+                `config.image_size` (as `True` does); `False` refuses other sizes, as in ViT.
+            check_values (`bool`, defaults to `True`): refuse NaN, infinite and absurdly large pixel values with a
+                `ValueError` (one reduction and a host sync). The pretraining step checks all its images at once
+                and passes `False`.
+            output_attentions, output_hidden_states, return_dict: as in every transformers model.
+        """
+        check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size, values=check_values)
+        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
+        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding)
+        sequence = self.encoder(embeddings, **kwargs)
+        cls_embedding, dense_features, sparse_tokens = self.split_sequence(sequence)
+        spatial_map = lowrank_features = None
+        if self.factorization is not None:
+            spatial_map, lowrank_features = self.factorization(dense_features, sparse_tokens)
+        return StellarModelOutput(
+            last_hidden_state=sequence,
+            pooler_output=sparse_tokens.mean(dim=1),
+            sparse_tokens=sparse_tokens,
+            spatial_map=spatial_map,
+            lowrank_features=lowrank_features,
+            dense_features=dense_features,
+            cls_embedding=cls_embedding,
+        )
+
     def encode(
         self,
         pixel_values: torch.Tensor,
@@ -698,343 +882,40 @@ class StellarModel(StellarPreTrainedModel):
         output_hidden_states: bool = False,
         output_rows: torch.LongTensor | slice | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
-        """
-        Run the encoder only (no factorization), as masked and local views need.
-
-        Args:
-            pixel_values: `(B, C, H, W)`, normalised.
-            patch_keep_indices: `(B, N_keep)` patches to keep, or `None` for all N.
-            output_rows: positions of the sequence to return (an index tensor or a slice), or `None` for all. The
-                last layer then computes only those rows (its keys and values still come from every row), which
-                is what masked and local views need: their CLS and sparse tokens. Not with attentions or hidden
-                states.
-
-        Returns:
-            the sequence `(B, 1 + N_keep + r, d)` (or `(B, len(output_rows), d)`) after the final LayerNorm, hidden
-            states and attentions.
-        """
-        check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
-        pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        embeddings = self.embeddings(pixel_values, interpolate_pos_encoding, patch_keep_indices)
-        return self.encoder(embeddings, output_attentions, output_hidden_states, output_rows=output_rows)
-
-    def split_sequence(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(B, 1 + N + r, d)` -> CLS `(B, d)`, patches `(B, N, d)`, sparse tokens `(B, r, d)`."""
-        num_sparse = self.config.num_sparse_tokens
-        prefix = self.config.num_prefix_tokens
-        return sequence[:, 0], sequence[:, prefix:-num_sparse], sequence[:, -num_sparse:]
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> StellarModelOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images; H and W multiples of the
-                patch size.
-            interpolate_pos_encoding (`bool`, *optional*): `None` (default) resizes the position embeddings whenever
-                the image differs from `config.image_size`; `False` refuses other sizes.
-            output_attentions, output_hidden_states, return_dict: as in every transformers model.
-        """
-        if pixel_values is None:
-            raise ValueError("pixel_values is required")
-        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        """Deprecated: `forward(...).last_hidden_state` (with `hidden_states` and `attentions`); the masked-view path
+        (`patch_keep_indices`, `output_rows`) is `encode_view_rows`."""
+        warnings.warn(
+            "StellarModel.encode is deprecated: use model(pixel_values).last_hidden_state, or "
+            "stellar_hf.modeling_stellar.encode_view_rows for the rows of masked views",
+            FutureWarning,
+            stacklevel=2,
         )
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        sequence, hidden_states, attentions = self.encode(
-            pixel_values,
-            interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-        )
-        cls_embedding, dense_features, sparse_tokens = self.split_sequence(sequence)
-        spatial_map = lowrank_features = None
-        if self.factorization is not None:
-            spatial_map, lowrank_features = self.factorization(dense_features, sparse_tokens)
-        output = StellarModelOutput(
-            last_hidden_state=sequence,
-            pooler_output=sparse_tokens.mean(dim=1),
-            sparse_tokens=sparse_tokens,
-            spatial_map=spatial_map,
-            lowrank_features=lowrank_features,
-            dense_features=dense_features,
-            cls_embedding=cls_embedding,
-            hidden_states=hidden_states,
-            attentions=attentions,
-        )
-        return output if return_dict else output.to_tuple()
-
-
-# Every STELLAR head, by the transformers Auto class that loads it (written into each saved config).
-STELLAR_AUTO_MAP = {
-    "AutoConfig": "configuration_stellar.StellarConfig",
-    "AutoModel": "modeling_stellar.StellarModel",
-    "AutoModelForImageClassification": "modeling_stellar.StellarForImageClassification",
-    "AutoModelForImageToImage": "modeling_stellar.StellarForImageReconstruction",
-    "AutoModelForPreTraining": "modeling_stellar.StellarForPreTraining",
-}
-
-
-def grid_size_of(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]:
-    """`(B, C, H, W)` -> the patch grid `(H / p, W / p)`."""
-    return pixel_values.shape[-2] // patch_size, pixel_values.shape[-1] // patch_size
-
-
-def unnormalize(pixel_values: torch.Tensor, config: StellarConfig) -> torch.Tensor:
-    """Undo the image processor's normalisation: `(B, C, H, W)` normalised -> `(B, C, H, W)` on the [0, 1] scale."""
-    mean = torch.tensor(config.image_mean, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    return pixel_values * std + mean
-
-
-class StellarReconstructionHeadMixin:
-    """
-    The decoder, the reconstruction head and the VQ tokenizer plumbing, shared by the reconstruction and
-    pretraining models. Expects `self.config`, `self.decoder` and `self.reconstruction_head`.
-    """
-
-    def build_reconstruction_modules(self, config: StellarConfig) -> None:
-        self.decoder = StellarDecoder(config)
-        if config.reconstruction_target == "pixel":
-            self.reconstruction_head = nn.ConvTranspose2d(
-                config.decoder_hidden_size, config.num_channels, kernel_size=config.patch_size, stride=config.patch_size
-            )
-        else:
-            self.reconstruction_head = nn.Linear(config.decoder_hidden_size, config.vq_codebook_size)
-        # The frozen VQGAN is not part of this model's weights; kept outside the module tree so that
-        # state dicts, `.to()` and optimisers never see it.
-        self.__dict__["_vq_tokenizer"] = None
-
-    def set_vq_tokenizer(self, tokenizer) -> None:
-        """Attach a MaskGIT VQGAN (a `MaskGitVQGANModel` or a folder / Hub id) for VQ targets and decoding."""
-        if isinstance(tokenizer, str):
-            from .modeling_maskgit_vqgan import MaskGitVQGANModel
-
-            tokenizer = MaskGitVQGANModel.from_pretrained(tokenizer)
-        if tokenizer is not None:
-            tokenizer.eval().requires_grad_(False)
-        self.__dict__["_vq_tokenizer"] = tokenizer
-
-    def get_vq_tokenizer(self, tokenizer=None, device: torch.device | None = None):
-        """
-        The tokenizer to use: the one passed in (an instance, or a folder / Hub id, which is then attached), else the
-        attached one, else the one named by `config.vq_tokenizer_name_or_path` (loaded once); `None` if there is none.
-        """
-        if tokenizer is None and self.__dict__["_vq_tokenizer"] is None:
-            tokenizer = self.config.vq_tokenizer_name_or_path
-        if isinstance(tokenizer, str):
-            self.set_vq_tokenizer(tokenizer)
-            tokenizer = None
-        if tokenizer is None:
-            tokenizer = self.__dict__["_vq_tokenizer"]
-        else:
-            tokenizer.eval().requires_grad_(False)
-        if tokenizer is not None and device is not None and tokenizer.device != device:
-            tokenizer.to(device)
-        return tokenizer
-
-    def decode_tokens(self, decoder_tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
-        """
-        Apply the reconstruction head.
-
-        Args:
-            decoder_tokens: `(B, h*w, d_dec)`.
-
-        Returns:
-            pixel target: images `(B, C, h*p, w*p)` on the [0, 1] scale (raw, unclamped); VQ target: logits
-            `(B, h*w, codebook_size)`.
-        """
-        if self.config.reconstruction_target == "vq":
-            return self.reconstruction_head(decoder_tokens)
-        height, width = grid_size
-        grid = decoder_tokens.transpose(1, 2).reshape(decoder_tokens.shape[0], -1, height, width)
-        return self.reconstruction_head(grid)
-
-    def reconstruct_from_lowrank(
-        self, lowrank_features: torch.Tensor, grid_size: tuple[int, int], vq_tokenizer=None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """
-        Decode low-rank features `(B, h*w, d)` on a `(h, w)` grid.
-
-        Returns:
-            `(reconstruction, logits)`: pixel target -> images `(B, C, h*p, w*p)` and `None`; VQ target -> the VQGAN
-            decoding `(B, C, H, W)` of the argmax codes (or `None` without a tokenizer) and logits `(B, h*w, V)`.
-        """
-        prediction = self.decode_tokens(self.decoder(lowrank_features, grid_size), grid_size)
-        if self.config.reconstruction_target == "pixel":
-            return prediction, None
-        tokenizer = self.get_vq_tokenizer(vq_tokenizer, prediction.device)
-        if tokenizer is None:
-            return None, prediction
-        codes = prediction.argmax(dim=-1).view(prediction.shape[0], *grid_size)
-        return tokenizer.decode(codes), prediction
-
-    def vq_targets(self, images: torch.Tensor, tokenizer) -> torch.LongTensor:
-        """VQGAN codes `(B, N)` of `images` `(B, C, H, W)` in [0, 1]; resized to `vq_image_size` for 14-px patches."""
-        if self.config.patch_size == 14:
-            size = self.config.vq_image_size
-            images = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
-        with torch.no_grad():
-            return tokenizer.encode(images.float())
-
-    def reconstruction_loss(
-        self,
-        prediction: torch.Tensor,
-        pixel_values: torch.Tensor,
-        target_codes: torch.LongTensor | None = None,
-        vq_tokenizer=None,
-    ) -> torch.Tensor | None:
-        """
-        Pixel target: MSE of `prediction` `(B, C, H, W)` against the un-normalised `pixel_values`. VQ target:
-        cross-entropy of the logits `(B, N, V)` against `target_codes` `(B, N)`, made with the tokenizer when not
-        given; `None` when neither codes nor a tokenizer are available.
-        """
-        if self.config.reconstruction_target == "pixel":
-            return F.mse_loss(prediction.float(), unnormalize(pixel_values, self.config).float())
-        if target_codes is None:
-            tokenizer = self.get_vq_tokenizer(vq_tokenizer, pixel_values.device)
-            if tokenizer is None:
-                return None
-            target_codes = self.vq_targets(unnormalize(pixel_values, self.config), tokenizer)
-        if target_codes.shape != prediction.shape[:2]:
-            raise ValueError(
-                f"target_codes of shape {tuple(target_codes.shape)} do not match the {prediction.shape[1]} "
-                "predicted patches; the VQ grid must equal the encoder's patch grid"
-            )
-        return F.cross_entropy(prediction.float().transpose(1, 2), target_codes)
-
-
-class StellarForImageReconstruction(StellarReconstructionHeadMixin, StellarPreTrainedModel):
-    """
-    STELLAR with its reconstruction decoder: image -> sparse tokens x spatial map -> decoder -> pixels or VQ logits.
-
-    Use [`~StellarForImageReconstruction.reconstruct`] to decode edited factors.
-    """
-
-    # A pretraining folder also holds the clustering heads (and maybe the EMA teacher), unused here.
-    _keys_to_ignore_on_load_unexpected = [r"clustering_head\.", r"^teacher\."]
-
-    def __init__(self, config: StellarConfig):
-        super().__init__(config)
-        self.stellar = StellarModel(config)
-        self.build_reconstruction_modules(config)
-        self.post_init()
-
-    def reconstruct(
-        self,
-        sparse_tokens: torch.Tensor,
-        spatial_map: torch.Tensor,
-        grid_size: tuple[int, int] | None = None,
-        vq_tokenizer=None,
-    ) -> torch.Tensor:
-        """
-        Decode an image from its two factors, e.g. after editing "what" (tokens) or "where" (map).
-
-        Args:
-            sparse_tokens: `(B, r, d)`, d = `config.hidden_size`; r may differ from `config.num_sparse_tokens` (tokens
-                added or removed), as long as the map has one column per token.
-            spatial_map: `(B, N, r)`, patch n's weights over the tokens in row n; rows need not be renormalised after
-                editing.
-            grid_size: `(h, w)` with `h * w = N`; defaults to a square grid.
-
-        Both factors are cast to the decoder's dtype, as `forward` casts `pixel_values` (float64 factors work).
-
-        Returns:
-            images `(B, C, H, W)` on the [0, 1] scale (VQ target: needs a tokenizer).
-
-        Raises:
-            `ValueError` naming the argument: not a floating-point tensor, wrong rank, mismatched batch or token
-            count, d other than `config.hidden_size`, an empty dimension, NaN or infinite entries, or a `grid_size`
-            that does not hold N patches.
-        """
-        check_factors(sparse_tokens, spatial_map, self.config.hidden_size)
-        num_patches = spatial_map.shape[1]
-        if grid_size is None:
-            side = math.isqrt(num_patches)
-            if side * side != num_patches:
-                raise ValueError(f"{num_patches} patches are not a square grid; pass grid_size=(height, width)")
-            grid_size = (side, side)
-        if (
-            not isinstance(grid_size, (tuple, list))
-            or len(grid_size) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in grid_size)
-            or grid_size[0] * grid_size[1] != num_patches
-        ):
-            raise ValueError(
-                f"grid_size must be (height, width), positive integers with height * width = {num_patches} (the "
-                f"rows of spatial_map), got {grid_size}"
-            )
-        dtype = self.decoder.decoder_proj.weight.dtype
-        lowrank_features = torch.bmm(spatial_map.to(dtype), sparse_tokens.to(dtype))
-        reconstruction, _ = self.reconstruct_from_lowrank(lowrank_features, grid_size, vq_tokenizer)
-        if reconstruction is None:
-            raise ValueError(
-                "decoding VQ predictions to pixels needs the MaskGIT VQGAN: pass vq_tokenizer=..., call "
-                "set_vq_tokenizer(...) or set config.vq_tokenizer_name_or_path"
-            )
-        return reconstruction
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        target_codes: torch.LongTensor | None = None,
-        vq_tokenizer=None,
-        interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> StellarReconstructionOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
-            target_codes (`torch.LongTensor` of shape `(B, N)`, *optional*): VQ target only: the VQGAN codes of the
-                input; made with the tokenizer when omitted and one is available.
-            vq_tokenizer (`MaskGitVQGANModel` or `str`, *optional*): VQ target only: the tokenizer to use.
-        """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        outputs = self.stellar(
+        if patch_keep_indices is not None or output_rows is not None:
+            if output_attentions or output_hidden_states:
+                raise ValueError("output_rows cannot be combined with output_attentions or output_hidden_states")
+            check_pixel_values(pixel_values, self.config.num_channels, self.config.patch_size)
+            rows = slice(None) if output_rows is None else output_rows
+            return encode_view_rows(self, pixel_values, rows, patch_keep_indices), None, None
+        output = self(
             pixel_values,
             interpolate_pos_encoding=interpolate_pos_encoding,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
         )
-        grid_size = grid_size_of(pixel_values, self.config.patch_size)
-        reconstruction, logits = self.reconstruct_from_lowrank(outputs.lowrank_features, grid_size, vq_tokenizer)
-        prediction = reconstruction if self.config.reconstruction_target == "pixel" else logits
-        loss = self.reconstruction_loss(prediction, pixel_values, target_codes, vq_tokenizer)
-        output = StellarReconstructionOutput(
-            loss=loss,
-            reconstruction=reconstruction,
-            logits=logits,
-            sparse_tokens=outputs.sparse_tokens,
-            spatial_map=outputs.spatial_map,
-            lowrank_features=outputs.lowrank_features,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        return output.last_hidden_state, output.hidden_states, output.attentions
 
 
 class StellarForImageClassification(StellarPreTrainedModel):
     """
     The paper's linear probe: LayerNorm + Linear on `pooler_output` (the mean of the sparse tokens).
 
-    `labels` `(B,)` give a cross-entropy loss (or MSE / BCE following `config.problem_type`, as in transformers).
+    `labels` `(B,)` give the loss of `self.loss_function` (cross-entropy, or MSE / BCE following
+    `config.problem_type`, as in every transformers classifier).
     """
 
     # The probe reads the sparse tokens only; checkpoints of the other heads carry the factorization and more.
-    _keys_to_ignore_on_load_unexpected = [
-        r"factorization\.", r"^decoder\.", r"^reconstruction_head\.", r"clustering_head\.", r"^teacher\."
-    ]
+    _keys_to_ignore_on_load_unexpected = TRAINING_STATE_KEYS + DECODER_KEYS + CLUSTERING_KEYS + [r"factorization\."]
 
     def __init__(self, config: StellarConfig):
         super().__init__(config)
@@ -1044,227 +925,649 @@ class StellarForImageClassification(StellarPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         interpolate_pos_encoding: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
-            labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)`.
+            labels (`torch.LongTensor` of shape `(B,)`, *optional*): class indices in `[0, num_labels)` (-100 is
+                ignored), or float targets for regression and multi-label problems.
 
         Returns:
             [`ImageClassifierOutput`] with `logits` `(B, num_labels)`.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.stellar(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
         )
         logits = self.classifier(self.classifier_norm(outputs.pooler_output))
         loss = None
         if labels is not None:
-            labels = labels.to(logits.device)
-            problem_type = self.config.problem_type
-            if problem_type is None:
-                if self.num_labels == 1:
-                    problem_type = "regression"
-                elif labels.dtype in (torch.long, torch.int):
-                    problem_type = "single_label_classification"
-                else:
-                    problem_type = "multi_label_classification"
-            if problem_type == "regression":
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float().view(-1))
-            elif problem_type == "single_label_classification":
-                if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-                    raise ValueError(f"labels must lie in [0, {self.num_labels}), got {labels.tolist()}")
-                loss = F.cross_entropy(logits.float(), labels.view(-1))
-            else:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        output = ImageClassifierOutput(
+            check_class_labels(labels, self.num_labels)
+            # In float32 whatever the model's dtype, as the other STELLAR losses.
+            loss = self.loss_function(labels, logits.float(), self.config, **kwargs)
+        return ImageClassifierOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
-        return output if return_dict else output.to_tuple()
 
 
-@dataclass
-class StellarForPreTrainingOutput(ModelOutput):
+# ----------------------------------------------------------------------------------------------------------------------
+# Decoding: low-rank features (or factors) -> image
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class StellarDecodingModel(StellarPreTrainedModel):
     """
-    Output of [`StellarForPreTraining`]: the total loss, every weighted component (for logging), and the main
-    image's factors.
+    Base of the two classes with the reconstruction decoder, [`StellarForImageReconstruction`] and
+    [`StellarForPreTraining`]: the encoder (`stellar`), the decoder and its head, and the one decode path.
 
-    Args:
-        loss (`torch.FloatTensor` of shape `()`): `reconstruction_weight * reconstruction_loss + koleo_loss +
-            clustering_loss + cls_clustering_loss + mask_loss + cls_loss`.
-        reconstruction_loss (`()`): unweighted MSE (pixel) or cross-entropy (VQ).
-        koleo_loss (`()`): weighted KoLeo on the main image's and the masked views' sparse tokens.
-        clustering_loss, cls_clustering_loss (`()`): online clustering of the main image's sparse / CLS tokens.
-        mask_loss (`()`): masked-view sparse tokens predicting their matched targets (0 without global views).
-        cls_loss (`()`): masked-view and local-view CLS predicting the CLS targets (0 without views).
-        reconstruction (`(B, C, H, W)`, *optional*): pixel target: the raw reconstruction on the [0, 1] scale.
-        logits (`(B, N, V)`, *optional*): VQ target: per-patch code logits.
-        sparse_tokens (`(B, r, d)`), spatial_map (`(B, N, r)`), cls_embedding (`(B, d)`): of the main image.
-        assignments (`(B, r, C)`): the Sinkhorn-Knopp targets of the sparse tokens.
-    """
+    - [`decode_lowrank`]: low-rank features `(B, N, d)` -> the head's prediction (pixel target: the image; VQ target:
+      code logits). Training losses read this.
+    - [`reconstruct`]: factors (or low-rank features) -> image `(B, C, H, W)` on the [0, 1] scale; for the VQ target
+      through the attached MaskGIT VQGAN ([`set_vq_tokenizer`], [`load_vq_tokenizer`]).
+    - [`reconstruction_loss`]: MSE against the un-normalised input, or cross-entropy against VQ codes (`labels`, or
+      the attached tokenizer's codes of the input).
 
-    loss: torch.FloatTensor | None = None
-    reconstruction_loss: torch.FloatTensor | None = None
-    koleo_loss: torch.FloatTensor | None = None
-    clustering_loss: torch.FloatTensor | None = None
-    cls_clustering_loss: torch.FloatTensor | None = None
-    mask_loss: torch.FloatTensor | None = None
-    cls_loss: torch.FloatTensor | None = None
-    reconstruction: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    sparse_tokens: torch.FloatTensor | None = None
-    spatial_map: torch.FloatTensor | None = None
-    cls_embedding: torch.FloatTensor | None = None
-    assignments: torch.FloatTensor | None = None
-
-
-class StellarTeacher(nn.Module):
-    """EMA copy of the student's encoder and clustering heads; never trained by gradients."""
-
-    def __init__(self, config: StellarConfig):
-        super().__init__()
-        self.stellar = StellarModel(config)
-        self.sparse_clustering_head = StellarClusteringHead(config)
-        self.cls_clustering_head = StellarClusteringHead(config) if config.use_cls_clustering else None
-        self.requires_grad_(False)
-
-
-class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedModel):
-    """
-    The full STELLAR objective (spec section 4): reconstruction of the main image from its own factors, online
-    clustering of its sparse and CLS tokens with Sinkhorn-Knopp targets, masked global views whose sparse tokens are
-    matched to the main image's by optimal transport, local views predicting the CLS targets, and KoLeo.
-
-    Views are made by the data pipeline (see `stellar_hf.data.MultiViewTransform`); masking noise comes from the
-    `mask_noise` argument or an explicit `generator`, so a step is reproducible. Sinkhorn statistics are all-reduced
-    across processes when `torch.distributed` is initialised, so every rank must call `forward`.
-
-    With `config.use_ema_teacher`, the teacher starts as a copy of the student, also when loaded from a checkpoint
-    without teacher weights (see [`from_pretrained`]), and [`update_teacher`] moves it; `examples/pretrain.py` calls
-    that once per optimiser step, where the original updates it on every training forward (once per micro-batch
-    under gradient accumulation).
+    The VQGAN is attached explicitly and is never part of the weights, never loaded inside `forward`.
     """
 
     def __init__(self, config: StellarConfig):
         super().__init__(config)
         self.stellar = StellarModel(config)
-        self.build_reconstruction_modules(config)
+        self.decoder = StellarDecoder(config)
+        self.reconstruction_head = reconstruction_head_for(config)
+
+    # -- the MaskGIT VQGAN tokenizer ---------------------------------------------------------------------------------
+
+    # The frozen VQGAN is attached with `set_vq_tokenizer`, outside the module tree: state dicts, optimisers and
+    # `.to()` never see it (it follows the features' device when used).
+    _vq_tokenizer = None
+
+    @property
+    def vq_tokenizer(self):
+        """The attached MaskGIT VQGAN (`MaskGitVQGANModel`), or `None`."""
+        return self._vq_tokenizer
+
+    def set_vq_tokenizer(self, tokenizer) -> None:
+        """
+        Attach a MaskGIT VQGAN for the VQ target: a `MaskGitVQGANModel`, or a folder / Hub id to load one from
+        (`None` detaches). It is frozen and put in eval mode; it makes the codes of the input when no `labels` are
+        given, and turns predicted codes into pixels.
+        """
+        if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+            from .modeling_maskgit_vqgan import MaskGitVQGANModel
+
+            tokenizer = MaskGitVQGANModel.from_pretrained(tokenizer)
+        if tokenizer is not None:
+            tokenizer.eval().requires_grad_(False)
+        # Set on the instance directly: as an `nn.Module` attribute it would become a submodule.
+        object.__setattr__(self, "_vq_tokenizer", tokenizer)
+
+    def load_vq_tokenizer(self, tokenizer=None):
+        """
+        Attach `tokenizer` (as [`set_vq_tokenizer`]) or, when it is `None` and none is attached, the one
+        `config.vq_tokenizer_name_or_path` names; returns the attached tokenizer (`None` when there is none).
+        """
+        if tokenizer is not None:
+            self.set_vq_tokenizer(tokenizer)
+        elif self.vq_tokenizer is None and self.config.vq_tokenizer_name_or_path:
+            self.set_vq_tokenizer(self.config.vq_tokenizer_name_or_path)
+        return self.vq_tokenizer
+
+    def _vq_tokenizer_on(self, device: torch.device):
+        """The attached tokenizer, moved to `device`; `None` (with a one-time warning if the config names one)."""
+        tokenizer = self.vq_tokenizer
+        if tokenizer is None:
+            if self.config.vq_tokenizer_name_or_path:
+                logger.warning_once(
+                    "config.vq_tokenizer_name_or_path names %s but no tokenizer is attached, so there are no pixels "
+                    "(and no loss without labels); call model.load_vq_tokenizer() once: it is no longer loaded on "
+                    "first use",
+                    self.config.vq_tokenizer_name_or_path,
+                )
+            return None
+        if tokenizer.device != device:
+            tokenizer.to(device)
+        return tokenizer
+
+    def vq_labels(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """
+        The VQ target's labels: the attached tokenizer's codes `(B, N)` of the un-normalised `pixel_values`
+        `(B, C, H, W)`, resized to `config.vq_image_size` for 14-px patches (the released VQGAN's grid).
+        """
+        tokenizer = self._vq_tokenizer_on(pixel_values.device)
+        if tokenizer is None:
+            raise ValueError(
+                "the VQ target's labels come from a MaskGIT VQGAN: attach one with model.set_vq_tokenizer(...) or "
+                "model.load_vq_tokenizer(), or pass the codes as labels"
+            )
+        images = unnormalize(pixel_values, self.config)
+        if self.config.patch_size == 14:
+            size = self.config.vq_image_size
+            images = F.interpolate(images.float(), size=(size, size), mode="bicubic", align_corners=False)
+        with torch.no_grad():
+            return tokenizer.encode(images.float())
+
+    # -- the decode path ---------------------------------------------------------------------------------------------
+
+    def decode_lowrank(self, lowrank_features: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """
+        Decoder and head on low-rank features `(B, h*w, d)` laid out on a `grid_size = (h, w)` patch grid.
+
+        Returns:
+            pixel target: images `(B, C, h*p, w*p)` on the [0, 1] scale (raw, unclamped); VQ target: code logits
+            `(B, h*w, V)`.
+        """
+        decoder_tokens = self.decoder(lowrank_features, grid_size)
+        if self.config.reconstruction_target == "vq":
+            return self.reconstruction_head(decoder_tokens)
+        grid = decoder_tokens.transpose(1, 2).reshape(decoder_tokens.shape[0], -1, *grid_size)
+        return self.reconstruction_head(grid)
+
+    def prediction_to_pixels(self, prediction: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor | None:
+        """
+        Images `(B, C, H, W)` on the [0, 1] scale from [`decode_lowrank`]'s prediction: the prediction itself for the
+        pixel target; for the VQ target the attached VQGAN's decoding of the argmax codes (`(B, 3, 16h, 16w)` for
+        the released f16 tokenizer), or `None` without a tokenizer.
+        """
+        if self.config.reconstruction_target == "pixel":
+            return prediction
+        tokenizer = self._vq_tokenizer_on(prediction.device)
+        if tokenizer is None:
+            return None
+        return tokenizer.decode(prediction.argmax(dim=-1).view(prediction.shape[0], *grid_size))
+
+    def reconstruct(
+        self,
+        sparse_tokens: torch.Tensor | None = None,
+        spatial_map: torch.Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
+        *,
+        lowrank_features: torch.Tensor | None = None,
+        vq_tokenizer=None,
+    ) -> torch.Tensor:
+        """
+        Decode an image from its two factors, e.g. after editing "what" (tokens) or "where" (map), or from the
+        low-rank features (their product, as `forward` returns them).
+
+        Args:
+            sparse_tokens: `(B, r, d)`, d = `config.hidden_size`; r may differ from `config.num_sparse_tokens` (tokens
+                added or removed), as long as the map has one column per token.
+            spatial_map: `(B, N, r)`, patch n's weights over the tokens in row n; rows need not be renormalised after
+                editing.
+            grid_size: `(h, w)` with `h * w = N`; defaults to a square grid.
+            lowrank_features: `(B, N, d)`, instead of the two factors.
+            vq_tokenizer: deprecated; attach the tokenizer once with [`set_vq_tokenizer`].
+
+        Inputs are cast to the decoder's dtype, as `forward` casts `pixel_values` (float64 factors work).
+
+        Returns:
+            images `(B, C, H, W)` on the [0, 1] scale (VQ target: needs an attached tokenizer).
+
+        Raises:
+            `ValueError` naming the argument: not a floating-point tensor, wrong rank, mismatched batch or token
+            count, d other than `config.hidden_size`, an empty dimension, NaN or infinite entries, a `grid_size`
+            that does not hold N patches, or a VQ target without a tokenizer.
+        """
+        if vq_tokenizer is not None:
+            warnings.warn(
+                "reconstruct(vq_tokenizer=...) is deprecated: attach the tokenizer once with set_vq_tokenizer(...)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            self.set_vq_tokenizer(vq_tokenizer)
+        dtype = self.decoder.decoder_proj.weight.dtype
+        if lowrank_features is None:
+            check_factors(sparse_tokens, spatial_map, self.config.hidden_size)
+            lowrank_features = torch.bmm(spatial_map.to(dtype), sparse_tokens.to(dtype))
+        elif sparse_tokens is not None or spatial_map is not None:
+            raise ValueError("pass either sparse_tokens and spatial_map, or lowrank_features, not both")
+        else:
+            check_lowrank_features(lowrank_features, self.config.hidden_size)
+            lowrank_features = lowrank_features.to(dtype)
+        grid_size = check_grid_size(grid_size, lowrank_features.shape[1])
+        images = self.prediction_to_pixels(self.decode_lowrank(lowrank_features, grid_size), grid_size)
+        if images is None:
+            raise ValueError(
+                "decoding VQ predictions to pixels needs the MaskGIT VQGAN: call model.set_vq_tokenizer(...) or "
+                "model.load_vq_tokenizer() (which loads config.vq_tokenizer_name_or_path) first"
+            )
+        return images
+
+    def reconstruction_loss(
+        self, prediction: torch.Tensor, pixel_values: torch.Tensor, labels: torch.LongTensor | None = None
+    ) -> torch.Tensor | None:
+        """
+        Pixel target: MSE of the image `prediction` `(B, C, H, W)` against the un-normalised `pixel_values`. VQ
+        target: cross-entropy of the logits `(B, N, V)` against `labels` `(B, N)`, or against [`vq_labels`] when
+        none are given and a tokenizer is attached; `None` without either.
+        """
+        if self.config.reconstruction_target == "pixel":
+            return F.mse_loss(prediction.float(), unnormalize(pixel_values, self.config).float())
+        if labels is None:
+            if self._vq_tokenizer_on(pixel_values.device) is None:
+                return None
+            labels = self.vq_labels(pixel_values)
+        if labels.shape != prediction.shape[:2]:
+            raise ValueError(
+                f"labels (VQ codes) of shape {tuple(labels.shape)} do not match the {prediction.shape[1]} predicted "
+                "patches; the VQ grid must equal the encoder's patch grid"
+            )
+        return F.cross_entropy(prediction.float().transpose(1, 2), labels)
+
+    # -- deprecated names --------------------------------------------------------------------------------------------
+
+    def decode_tokens(self, decoder_tokens: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+        """Deprecated: [`decode_lowrank`] runs the decoder and this head together."""
+        warnings.warn("decode_tokens is deprecated: use decode_lowrank(lowrank_features, grid_size)", FutureWarning, 2)
+        if self.config.reconstruction_target == "vq":
+            return self.reconstruction_head(decoder_tokens)
+        return self.reconstruction_head(decoder_tokens.transpose(1, 2).reshape(decoder_tokens.shape[0], -1, *grid_size))
+
+    def reconstruct_from_lowrank(self, lowrank_features, grid_size, vq_tokenizer=None):
+        """Deprecated: `(images or None, logits or None)`; use [`decode_lowrank`] and [`reconstruct`]."""
+        warnings.warn(
+            "reconstruct_from_lowrank is deprecated: use decode_lowrank(...) for the prediction and "
+            "reconstruct(lowrank_features=..., grid_size=...) for images",
+            FutureWarning,
+            stacklevel=2,
+        )
+        if vq_tokenizer is not None:
+            self.set_vq_tokenizer(vq_tokenizer)
+        prediction = self.decode_lowrank(lowrank_features, grid_size)
+        logits = prediction if self.config.reconstruction_target == "vq" else None
+        return self.prediction_to_pixels(prediction, grid_size), logits
+
+    def get_vq_tokenizer(self, tokenizer=None, device: torch.device | None = None):
+        """Deprecated: [`load_vq_tokenizer`] (attaches `tokenizer`, else the config's), moved to `device`."""
+        warnings.warn("get_vq_tokenizer is deprecated: use load_vq_tokenizer(...)", FutureWarning, stacklevel=2)
+        tokenizer = self.load_vq_tokenizer(tokenizer)
+        if tokenizer is not None and device is not None:
+            tokenizer.to(device)
+        return tokenizer
+
+
+def take_deprecated_vq_arguments(model: StellarDecodingModel, labels, kwargs: dict):
+    """
+    `labels`, after the deprecated keyword arguments of `forward` are taken out of `kwargs`: `target_codes` (now
+    `labels`) and `vq_tokenizer` (now attached once with `set_vq_tokenizer`; a tokenizer instance is attached, a
+    path is refused, since `forward` never loads one).
+    """
+    target_codes = kwargs.pop("target_codes", None)
+    if target_codes is not None:
+        warnings.warn("target_codes is deprecated: pass the VQ codes as labels", FutureWarning, stacklevel=3)
+        if labels is None:
+            labels = target_codes
+    tokenizer = kwargs.pop("vq_tokenizer", None)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, bytes)) or hasattr(tokenizer, "__fspath__"):
+            raise ValueError(
+                f"forward does not load tokenizers: attach it once with model.set_vq_tokenizer({str(tokenizer)!r})"
+            )
+        warnings.warn(
+            "forward(vq_tokenizer=...) is deprecated: attach the tokenizer once with set_vq_tokenizer(...)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        model.set_vq_tokenizer(tokenizer)
+    return labels
+
+
+class StellarForImageReconstruction(StellarDecodingModel):
+    """
+    STELLAR with its reconstruction decoder: image -> sparse tokens x spatial map -> decoder -> pixels or VQ logits.
+
+    Use [`~StellarDecodingModel.reconstruct`] to decode edited factors. The VQ target takes the input's VQGAN codes as
+    `labels` (as BEiT takes its tokenizer's codes), or makes them with an attached tokenizer.
+    """
+
+    # A pretraining folder also holds the clustering heads, unused here.
+    _keys_to_ignore_on_load_unexpected = TRAINING_STATE_KEYS + CLUSTERING_KEYS
+
+    def __init__(self, config: StellarConfig):
+        super().__init__(config)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> StellarReconstructionOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(B, C, H, W)`): normalised images.
+            labels (`torch.LongTensor` of shape `(B, N)`, *optional*): VQ target only: the VQGAN codes of the input,
+                one per patch in row-major order; made with the attached tokenizer when omitted.
+            interpolate_pos_encoding: as in [`StellarModel.forward`].
+        """
+        labels = take_deprecated_vq_arguments(self, labels, kwargs)
+        outputs = self.stellar(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, return_dict=True, **kwargs
+        )
+        grid_size = grid_size_of(pixel_values, self.config.patch_size)
+        prediction = self.decode_lowrank(outputs.lowrank_features, grid_size)
+        return StellarReconstructionOutput(
+            loss=self.reconstruction_loss(prediction, pixel_values, labels),
+            reconstruction=self.prediction_to_pixels(prediction, grid_size),
+            logits=prediction if self.config.reconstruction_target == "vq" else None,
+            sparse_tokens=outputs.sparse_tokens,
+            spatial_map=outputs.spatial_map,
+            lowrank_features=outputs.lowrank_features,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretraining
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def last_layer_rows(layer: StellarLayer, hidden_states: torch.Tensor, rows: torch.LongTensor | slice) -> torch.Tensor:
+    """
+    `layer(hidden_states)[:, rows]`, computing only those rows: `(B, S, D) -> (B, R, D)`.
+
+    Keys and values still come from every row; the queries, residuals and MLP run on `rows` only. Masked and local
+    views read only their CLS and sparse tokens, so their last encoder layer needs no more. Under gradient
+    checkpointing the rows are recomputed in backward, as the layer itself would be.
+    """
+
+    def rows_forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = layer.layernorm_before(hidden_states)
+        attention_output, _ = layer.attention(normed[:, rows], key_value_states=normed)
+        hidden_states = hidden_states[:, rows] + layer.dropout(attention_output)
+        return hidden_states + layer.dropout(layer.mlp(layer.layernorm_after(hidden_states)))
+
+    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return checkpoint(rows_forward, hidden_states, use_reentrant=False)
+    return rows_forward(hidden_states)
+
+
+def encode_view_rows(
+    model: StellarModel,
+    pixel_values: torch.Tensor,
+    rows: torch.LongTensor | slice,
+    patch_keep_indices: torch.LongTensor | None = None,
+) -> torch.Tensor:
+    """
+    The encoder sequence of views, only at `rows`, after the final LayerNorm: `(V, C, H, W)` -> `(V, R, d)`.
+
+    Every layer but the last runs on the whole sequence `[CLS, kept patches, sparse]`; the last computes only `rows`
+    ([`last_layer_rows`]). Position embeddings are interpolated for other sizes (local views). The values of
+    `pixel_values` are not checked here: [`StellarForPreTraining.forward`] checks every view once.
+
+    Args:
+        model: the encoder.
+        pixel_values: `(V, C, H, W)` views, normalised.
+        rows: positions in the sequence (an index tensor or a slice).
+        patch_keep_indices: `(V, N_keep)` patches each view keeps, or `None` for all.
+    """
+    pixel_values = pixel_values.to(model.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden_states = model.embeddings(pixel_values, patch_keep_indices=patch_keep_indices)
+    *layers, last = model.encoder.layers
+    for layer in layers:
+        hidden_states = layer(hidden_states)
+    return model.encoder.layernorm(last_layer_rows(last, hidden_states, rows))
+
+
+_TEACHER_MOVED = (
+    "the EMA teacher is no longer part of StellarForPreTraining: build it with "
+    "stellar_hf.pretraining.StellarEMATeacher.from_student(model) (or .from_pretrained(folder, model) to keep a saved "
+    "one), pass teacher_targets=teacher(pixel_values, global_views) to forward, and call "
+    "teacher.update(model, teacher.momentum(step, total_steps)) after each optimiser step"
+)
+
+
+class StellarForPreTraining(StellarDecodingModel):
+    """
+    The full STELLAR objective (spec section 4): reconstruction of the main image from its own factors, online
+    clustering of its sparse and CLS tokens with Sinkhorn-Knopp targets, masked global views whose sparse tokens are
+    matched to the main image's by optimal transport, local views predicting the CLS targets, and KoLeo. `forward`
+    runs these steps in order; each is a method or a `losses_stellar` function with its shapes in its docstring.
+
+    Views are made by the data pipeline (see `stellar_hf.data.MultiViewTransform`); masking noise comes from the
+    `mask_noise` argument or an explicit `generator`, so a step is reproducible. Sinkhorn statistics are all-reduced
+    across processes when `torch.distributed` is initialised, so every rank must call `forward`.
+
+    The targets come from the model itself (the paper's recipe), or, with `config.use_ema_teacher`, from an EMA
+    teacher that the training loop owns and passes in as `teacher_targets` (`stellar_hf.pretraining`, as DINOv2
+    keeps its teacher in the training side, not in the backbone).
+    """
+
+    # The EMA teacher's `teacher.*` tensors in a folder are training state: `StellarEMATeacher.from_pretrained`
+    # reads them.
+    _keys_to_ignore_on_load_unexpected = TRAINING_STATE_KEYS
+
+    def __init__(self, config: StellarConfig):
+        super().__init__(config)
         self.sparse_clustering_head = StellarClusteringHead(config)
         self.cls_clustering_head = StellarClusteringHead(config) if config.use_cls_clustering else None
-        self.teacher = StellarTeacher(config) if config.use_ema_teacher else None
         self.post_init()
-        if self.teacher is not None:
-            self.reset_teacher()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        global_views: torch.Tensor | None = None,
+        local_views: torch.Tensor | None = None,
+        mask_noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        labels: torch.LongTensor | None = None,
+        teacher_targets: StellarPreTrainingTargets | None = None,
+        **kwargs,
+    ) -> StellarForPreTrainingOutput:
+        r"""
+        Args:
+            pixel_values (`(B, C, H, W)`): the main images, normalised, without colour augmentation.
+            global_views (`(B, M, C, H, W)`, *optional*): colour-augmented global views; the first
+                `config.num_masked_views` are masked and encoded.
+            local_views (`(B, K, C, s, s)`, *optional*): colour-augmented local views; the first
+                `config.num_local_views` are encoded (a remainder of s beyond a multiple of the patch size is
+                dropped, as the original's strided convolution does).
+            mask_noise (`(B * M, N)`, *optional*): per-patch noise of each masked view (rows image-major); the
+                lowest-noise patches are kept.
+            generator (`torch.Generator`, *optional*): source of the masking noise when `mask_noise` is not given.
+            labels (`(B, N)`, *optional*): VQ target only: the VQGAN codes of the main images, as in
+                [`StellarForImageReconstruction`].
+            teacher_targets ([`StellarPreTrainingTargets`], *optional*): targets made by an EMA teacher (required
+                when `config.use_ema_teacher`); the model's own targets otherwise.
         """
-        `PreTrainedModel.from_pretrained`, then two fixes for the EMA teacher (when `config.use_ema_teacher`):
+        labels = take_deprecated_vq_arguments(self, labels, kwargs)
+        if self.config.use_ema_teacher and teacher_targets is None:
+            raise ValueError(f"config.use_ema_teacher=True but no teacher_targets were passed; {_TEACHER_MOVED}")
+        config = self.config
+        masked_views, local_crops = self.views_to_encode(pixel_values, global_views, local_views)
+        image = self.stellar(pixel_values, check_values=False, return_dict=True)  # checked with the views above
+        zero = image.sparse_tokens.new_zeros((), dtype=torch.float32)
 
-        - A teacher not loaded from the checkpoint starts as a copy of the student, as in a fresh model, instead of
-          its random initialisation, and a warning says so. This covers a student-only folder (a converted or
-          pretrained checkpoint, or one saved without the teacher) and teacher tensors of another shape
-          (`ignore_mismatched_sizes=True`). When only some teacher tensors are missing, the whole teacher is copied
-          too and the warning names what was discarded: a teacher mixing loaded and freshly initialised tensors is
-          an EMA of nothing, and the student is the only complete, consistent set.
-        - The teacher stays frozen (loading re-creates every parameter as trainable).
-
-        Returns the model, or `(model, loading_info)` with `output_loading_info=True`, as transformers does.
-        """
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        # The loading info is the only record of which tensors came from the checkpoint, so always ask for it.
-        model, loading_info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if model.teacher is not None:
-            model.teacher.requires_grad_(False)
-            source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-            model.start_teacher_from_student_unless_loaded(loading_info, source)
-        return (model, loading_info) if output_loading_info else model
-
-    def start_teacher_from_student_unless_loaded(self, loading_info: dict, source=None) -> bool:
-        """
-        Copy the student into the EMA teacher ([`reset_teacher`]) when any teacher tensor was not loaded, i.e. is
-        among `loading_info["missing_keys"]` or `loading_info["mismatched_keys"]` (as `from_pretrained` reports
-        them), and log a warning naming `source` and the reason. Returns whether the teacher was reset.
-        """
-        teacher_keys = [key for key in self.state_dict() if key.startswith("teacher.")]
-        not_loaded = set(loading_info.get("missing_keys", ())) | {
-            mismatch[0] for mismatch in loading_info.get("mismatched_keys", ())
-        }
-        missing = [key for key in teacher_keys if key in not_loaded]
-        if not missing:
-            return False
-        self.reset_teacher()
-        if len(missing) == len(teacher_keys):
-            logger.warning(
-                "The checkpoint %s holds no EMA teacher weights (config.use_ema_teacher=True): the teacher starts as "
-                "a copy of the student, not from its random initialisation.",
-                source,
+        # 1. Reconstruction of the main image from its own low-rank features; KoLeo on its sparse tokens.
+        prediction = self.decode_lowrank(image.lowrank_features, grid_size_of(pixel_values, config.patch_size))
+        reconstruction_loss = self.reconstruction_loss(prediction, pixel_values, labels)
+        if reconstruction_loss is None:
+            raise ValueError(
+                "the VQ reconstruction target needs labels (the VQGAN codes of pixel_values) or an attached MaskGIT "
+                "VQGAN (model.set_vq_tokenizer(...) or model.load_vq_tokenizer())"
             )
-        else:
-            logger.warning(
-                "The checkpoint %s holds only %d of the %d EMA teacher tensors (missing: %s): the whole teacher "
-                "starts as a copy of the student, discarding the %d loaded teacher tensors, because a teacher mixing "
-                "loaded and freshly initialised tensors is not an EMA of the student.",
-                source,
-                len(teacher_keys) - len(missing),
-                len(teacher_keys),
-                ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
-                len(teacher_keys) - len(missing),
-            )
-        return True
+        koleo = config.koleo_weight * koleo_loss(image.sparse_tokens)
 
-    @torch.no_grad()
-    def reset_teacher(self) -> None:
-        """Copy the student's encoder and heads into the EMA teacher."""
-        for teacher_module, student_module in self._teacher_pairs():
-            teacher_module.load_state_dict(student_module.state_dict())
+        # 2-3. Online clustering of the main image's sparse and CLS tokens, against its own or a teacher's targets.
+        targets, clustering_loss, cls_clustering_loss = self.image_clustering_losses(image, teacher_targets)
 
-    def _teacher_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
-        pairs = [(self.teacher.stellar, self.stellar), (self.teacher.sparse_clustering_head, self.sparse_clustering_head)]
+        # 4. Masked global views: their sparse tokens predict the targets of the tokens they are matched to.
+        mask_loss, masked_cls = zero, None
+        if masked_views is not None:
+            if mask_noise is None:
+                mask_noise = self.draw_mask_noise(global_views, generator, masked_views.device)
+            with_cls = targets.cls_assignments is not None
+            masked_sparse, masked_cls = self.encode_masked_views(masked_views, mask_noise, with_cls)
+            koleo = koleo + config.koleo_weight * koleo_loss(masked_sparse)
+            masked_logits = self.sparse_clustering_head(masked_sparse)
+            mask_loss = self.matched_clustering_loss(masked_sparse, masked_logits, targets.tokens, targets.assignments)
+
+        # 5. The CLS of the masked and of the local views predicts the CLS targets.
+        cls_loss = zero
+        if targets.cls_assignments is not None:
+            view_cls = [masked_cls] if masked_cls is not None else []
+            if local_crops is not None:
+                view_cls.append(self.encode_local_views(local_crops))
+            if view_cls:
+                cls_loss = self.view_cls_loss(view_cls, targets.cls_assignments)
+
+        loss = (
+            config.effective_reconstruction_weight * reconstruction_loss
+            + koleo
+            + clustering_loss
+            + cls_clustering_loss
+            + mask_loss
+            + cls_loss
+        )
+        is_vq = config.reconstruction_target == "vq"
+        return StellarForPreTrainingOutput(
+            loss=loss,
+            reconstruction_loss=reconstruction_loss,
+            koleo_loss=koleo,
+            clustering_loss=clustering_loss,
+            cls_clustering_loss=cls_clustering_loss,
+            mask_loss=mask_loss,
+            cls_loss=cls_loss,
+            reconstruction=None if is_vq else prediction,
+            logits=prediction if is_vq else None,
+            sparse_tokens=image.sparse_tokens,
+            spatial_map=image.spatial_map,
+            cls_embedding=image.cls_embedding,
+            assignments=targets.assignments,
+        )
+
+    # -- the steps of `forward`, in order ----------------------------------------------------------------------------
+
+    def views_to_encode(
+        self,
+        pixel_values: torch.Tensor,
+        global_views: torch.Tensor | None,
+        local_views: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """
+        The views a step encodes, checked with the main images: every shape, then all values with one reduction per
+        tensor and one host sync for the whole step (`ValueError` naming the argument).
+
+        Args:
+            pixel_values: `(B, C, H, W)`; global_views: `(B, M, C, H, W)` or `None`; local_views: `(B, K, C, s, s)`
+                or `None`.
+
+        Returns:
+            the masked views `(B * M', C, H, W)`, M' = [`num_masked_views_in`], and the local views
+            `(B * K', C, s', s')`, K' = min(K, `config.num_local_views`), s' the largest multiple of the patch size
+            in s; rows image-major, `None` for no view.
+        """
+        config = self.config
+        check_pixel_values(pixel_values, config.num_channels, config.patch_size, values=False)
+        for name, views in (("global_views", global_views), ("local_views", local_views)):
+            if views is not None and (
+                not isinstance(views, torch.Tensor) or views.ndim != 5 or views.shape[0] != pixel_values.shape[0]
+            ):
+                shape = tuple(views.shape) if isinstance(views, torch.Tensor) else type(views).__name__
+                raise ValueError(
+                    f"{name} must be a 5-D tensor (batch={pixel_values.shape[0]}, views, channels, height, width), "
+                    f"got {shape}"
+                )
+        masked_views = local_crops = None
+        num_masked = self.num_masked_views_in(global_views)
+        if num_masked > 0:
+            masked_views = global_views[:, :num_masked].flatten(0, 1)
+        num_local = min(config.num_local_views, local_views.shape[1]) if local_views is not None else 0
+        if num_local > 0:
+            # Local crops need not be a multiple of the patch size (96 px with 14-px patches): the original's strided
+            # patch convolution ignores the remainder, so drop it here too.
+            crops = local_views[:, :num_local].flatten(0, 1)
+            height, width = (side - side % config.patch_size for side in crops.shape[-2:])
+            local_crops = crops[..., :height, :width]
+        encoded = {"pixel_values": pixel_values, "global_views": masked_views, "local_views": local_crops}
+        encoded = {name: views for name, views in encoded.items() if views is not None}
+        for name, views in encoded.items():
+            check_pixel_values(views, config.num_channels, config.patch_size, name=name, values=False)
+        check_input_values(encoded, PIXEL_VALUE_LIMIT, PIXEL_VALUE_LIMIT_REASON)
+        return masked_views, local_crops
+
+    def self_distillation_targets(
+        self, sparse_tokens: torch.Tensor, sparse_logits: torch.Tensor, cls_logits: torch.Tensor | None
+    ) -> StellarPreTrainingTargets:
+        """
+        The model's own targets (no teacher): its detached sparse tokens `(B, r, d)` and the Sinkhorn-Knopp
+        assignments of its logits, `(B, r, C)` from `sparse_logits` and `(B, 1, C)` from `cls_logits` (`None`
+        without CLS clustering), each over every token of the global batch.
+        """
+        temperature, iterations = self.config.sinkhorn_temperature, self.config.sinkhorn_iterations
+        return StellarPreTrainingTargets(
+            tokens=sparse_tokens.detach(),
+            assignments=clustering_targets(sparse_logits, temperature, iterations),
+            cls_assignments=clustering_targets(cls_logits, temperature, iterations) if cls_logits is not None else None,
+        )
+
+    def image_clustering_losses(
+        self, image: StellarModelOutput, teacher_targets: StellarPreTrainingTargets | None
+    ) -> tuple[StellarPreTrainingTargets, torch.Tensor, torch.Tensor]:
+        """
+        Online clustering of the main images (spec section 4, items 2-3): the sparse tokens `(B, r, d)` and CLS
+        `(B, d)` of `image` through their heads, against `teacher_targets` or, without them, against the
+        [`self_distillation_targets`] of those same logits.
+
+        Returns:
+            the targets every other loss of the step uses, the sparse-token loss (with a teacher, after matching the
+            tokens to the teacher's, which read another view) and the CLS loss (0 without CLS clustering).
+        """
+        temperature = self.config.prediction_temperature
+        sparse_logits = self.sparse_clustering_head(image.sparse_tokens)
+        cls_logits = None
         if self.cls_clustering_head is not None:
-            pairs.append((self.teacher.cls_clustering_head, self.cls_clustering_head))
-        return pairs
+            cls_logits = self.cls_clustering_head(image.cls_embedding.unsqueeze(1))
+        if teacher_targets is None:
+            targets = self.self_distillation_targets(image.sparse_tokens, sparse_logits, cls_logits)
+            clustering_loss = clustering_cross_entropy(sparse_logits, targets.assignments, temperature)
+        else:
+            targets = teacher_targets
+            if cls_logits is not None and targets.cls_assignments is None:
+                raise ValueError("teacher_targets has no cls_assignments, but config.use_cls_clustering is on")
+            clustering_loss = self.matched_clustering_loss(
+                image.sparse_tokens, sparse_logits, targets.tokens, targets.assignments
+            )
+        cls_clustering_loss = sparse_logits.new_zeros((), dtype=torch.float32)
+        if cls_logits is not None:
+            cls_clustering_loss = clustering_cross_entropy(cls_logits, targets.cls_assignments, temperature)
+        return targets, clustering_loss, cls_clustering_loss
 
-    def teacher_momentum(self, step: int, total_steps: int) -> float:
-        """Cosine schedule from `ema_momentum` at step 0 to `ema_momentum_end` at `total_steps`."""
-        start, end = self.config.ema_momentum, self.config.ema_momentum_end
-        progress = min(max(step / max(total_steps, 1), 0.0), 1.0)
-        return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
-
-    @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def matched_clustering_loss(
+        self,
+        predicted_tokens: torch.Tensor,
+        predicted_logits: torch.Tensor,
+        target_tokens: torch.Tensor,
+        assignments: torch.Tensor,
+    ) -> torch.Tensor:
         """
-        EMA update `teacher = momentum * teacher + (1 - momentum) * student`, over every teacher parameter; call after
-        each optimiser step.
+        `losses_stellar.matched_clustering_loss` with the config's temperature and matcher: each predicted token
+        learns the clustering target of the target token it is matched to.
 
-        `examples/pretrain.py` calls it once per optimiser step, i.e. once per accumulated batch; the original updates
-        the teacher on every training forward, i.e. once per micro-batch under gradient accumulation, so runs with
-        accumulation move the teacher fewer times per epoch than the original does.
+        Args:
+            predicted_tokens: `(B * V, r, d)`, rows image-major; predicted_logits: `(B * V, r, C)`.
+            target_tokens: `(B, r, d)`; assignments: `(B, r, C)`.
         """
-        if self.teacher is None:
-            raise ValueError("update_teacher needs config.use_ema_teacher=True")
-        for teacher_module, student_module in self._teacher_pairs():
-            teacher_parameters = list(teacher_module.parameters())
-            student_parameters = [parameter.detach() for parameter in student_module.parameters()]
-            torch._foreach_lerp_(teacher_parameters, student_parameters, 1.0 - momentum)
-
-    def clustering_targets(self, logits: torch.Tensor) -> torch.Tensor:
-        """Sinkhorn-Knopp targets over every token of the global batch: logits `(B, T, C)` -> `(B, T, C)`."""
-        scores = logits.detach().flatten(0, -2) / self.config.sinkhorn_temperature
-        return sinkhorn_knopp(scores, self.config.sinkhorn_iterations).view_as(logits).float()
+        config = self.config
+        return matched_clustering_loss(
+            predicted_tokens,
+            predicted_logits,
+            target_tokens,
+            assignments,
+            temperature=config.prediction_temperature,
+            epsilon=config.matcher_epsilon,
+            num_iterations=config.matcher_iterations,
+        )
 
     def num_masked_views_in(self, global_views: torch.Tensor | None) -> int:
         """How many of the `(B, M, C, H, W)` global views are masked and encoded (the first ones, at most
@@ -1299,166 +1602,37 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
             device=device,
         )
 
-    def masked_keep_indices(
-        self, mask_noise: torch.Tensor, num_views: int, grid_size: tuple[int, int]
-    ) -> torch.LongTensor:
+    def encode_masked_views(
+        self, views: torch.Tensor, mask_noise: torch.Tensor, with_cls: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
-        Patches each masked view keeps: the `(1 - mask_ratio)` fraction with the lowest `mask_noise` `(V, N)`,
-        `(V, N_keep)`.
-        """
-        num_patches = grid_size[0] * grid_size[1]
-        if mask_noise.shape != (num_views, num_patches):
-            raise ValueError(
-                f"mask_noise must have shape {(num_views, num_patches)} (views, patches), got {tuple(mask_noise.shape)}"
-            )
-        num_kept = num_kept_patches(num_patches, self.config.mask_ratio)
-        return torch.argsort(mask_noise, dim=1, stable=True)[:, :num_kept]
+        Masked views (spec section 4, item 4): each of the `(V, C, H, W)` views keeps the `1 - mask_ratio` fraction of
+        its patches with the lowest `mask_noise` `(V, N)`, and is encoded as `[CLS, kept patches, sparse]`.
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        global_views: torch.Tensor | None = None,
-        local_views: torch.Tensor | None = None,
-        mask_noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        target_codes: torch.LongTensor | None = None,
-        vq_tokenizer=None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> StellarForPreTrainingOutput | tuple:
-        r"""
-        Args:
-            pixel_values (`(B, C, H, W)`): the main images, normalised, without colour augmentation.
-            global_views (`(B, M, C, H, W)`, *optional*): colour-augmented global views; the first
-                `config.num_masked_views` are masked and encoded.
-            local_views (`(B, K, C, s, s)`, *optional*): colour-augmented local views; the first
-                `config.num_local_views` are encoded.
-            mask_noise (`(B * M, N)`, *optional*): per-patch noise of each masked view (rows image-major); the
-                lowest-noise patches are kept.
-            generator (`torch.Generator`, *optional*): source of the masking noise when `mask_noise` is not given.
-            target_codes (`(B, N)`, *optional*), vq_tokenizer: VQ target only, as in
-                [`StellarForImageReconstruction`].
+        Returns:
+            the views' sparse tokens `(V, r, d)` and, `with_cls`, their CLS `(V, d)` (else `None`). Only those rows
+            of the last layer are computed.
         """
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         config = self.config
-        outputs = self.stellar(pixel_values, return_dict=True)
-        sparse_tokens, cls_tokens = outputs.sparse_tokens, outputs.cls_embedding.unsqueeze(1)
-        grid_size = grid_size_of(pixel_values, config.patch_size)
-        zero = sparse_tokens.new_zeros((), dtype=torch.float32)
-
-        prediction = self.decode_tokens(self.decoder(outputs.lowrank_features, grid_size), grid_size)
-        reconstruction_loss = self.reconstruction_loss(prediction, pixel_values, target_codes, vq_tokenizer)
-        if reconstruction_loss is None:
+        grid_height, grid_width = grid_size_of(views, config.patch_size)
+        num_patches = grid_height * grid_width
+        if mask_noise.shape != (views.shape[0], num_patches):
             raise ValueError(
-                "the VQ reconstruction target needs target_codes or a MaskGIT VQGAN (vq_tokenizer=..., "
-                "set_vq_tokenizer(...) or config.vq_tokenizer_name_or_path)"
+                f"mask_noise must have shape {(views.shape[0], num_patches)} (views, patches), got "
+                f"{tuple(mask_noise.shape)}"
             )
-        total_koleo = config.koleo_weight * koleo_loss(sparse_tokens)
+        keep_indices = kept_patch_indices(mask_noise.to(views.device), config.mask_ratio)
+        length = config.num_prefix_tokens + keep_indices.shape[1] + config.num_sparse_tokens
+        rows = torch.arange(length - config.num_sparse_tokens, length, device=views.device)
+        if with_cls:
+            rows = torch.cat((torch.zeros(1, dtype=torch.long, device=views.device), rows))
+        sequence = encode_view_rows(self.stellar, views, rows, keep_indices)
+        return sequence[:, -config.num_sparse_tokens :], (sequence[:, 0] if with_cls else None)
 
-        sparse_logits = self.sparse_clustering_head(sparse_tokens)
-        cls_logits = self.cls_clustering_head(cls_tokens) if self.cls_clustering_head is not None else None
-        if self.teacher is None:
-            assignments = self.clustering_targets(sparse_logits)
-            cls_assignments = self.clustering_targets(cls_logits) if cls_logits is not None else None
-            target_tokens = sparse_tokens.detach()
-            clustering_loss = clustering_cross_entropy(sparse_logits, assignments, config.prediction_temperature)
-        else:
-            # The teacher reads the second global view when there is one, as the original does.
-            with torch.no_grad():
-                teacher_input = global_views[:, 1] if global_views is not None and global_views.shape[1] > 1 else pixel_values
-                teacher_outputs = self.teacher.stellar(teacher_input, return_dict=True)
-                target_tokens = teacher_outputs.sparse_tokens
-                assignments = self.clustering_targets(self.teacher.sparse_clustering_head(target_tokens))
-                cls_assignments = None
-                if cls_logits is not None:
-                    teacher_cls = teacher_outputs.cls_embedding.unsqueeze(1)
-                    cls_assignments = self.clustering_targets(self.teacher.cls_clustering_head(teacher_cls))
-            clustering_loss = self.matched_clustering_loss(sparse_tokens, sparse_logits, target_tokens, assignments)
-        cls_clustering_loss = zero
-        if cls_logits is not None:
-            cls_clustering_loss = clustering_cross_entropy(cls_logits, cls_assignments, config.prediction_temperature)
-
-        mask_loss, cls_loss = zero, zero
-        view_cls = []  # CLS tokens of the masked and of the local views, each (B * V, d)
-        num_masked = self.num_masked_views_in(global_views)
-        if num_masked > 0:
-            views = global_views[:, :num_masked].flatten(0, 1)
-            if mask_noise is None:
-                mask_noise = self.draw_mask_noise(global_views, generator, views.device)
-            keep_indices = self.masked_keep_indices(
-                mask_noise.to(views.device), views.shape[0], grid_size_of(views, config.patch_size)
-            )
-            # Only the sparse tokens (and CLS, when it is clustered) of a masked view are read, so the last layer
-            # computes just those rows.
-            length = config.num_prefix_tokens + keep_indices.shape[1] + config.num_sparse_tokens
-            rows = torch.arange(length - config.num_sparse_tokens, length, device=views.device)
-            if cls_assignments is not None:
-                rows = torch.cat((torch.zeros(1, dtype=torch.long, device=views.device), rows))
-            masked_sequence = self.stellar.encode(views, patch_keep_indices=keep_indices, output_rows=rows)[0]
-            masked_sparse = masked_sequence[:, -config.num_sparse_tokens :]
-            if cls_assignments is not None:
-                view_cls.append(masked_sequence[:, 0])
-            total_koleo = total_koleo + config.koleo_weight * koleo_loss(masked_sparse)
-            masked_logits = self.sparse_clustering_head(masked_sparse)
-            mask_loss = self.matched_clustering_loss(masked_sparse, masked_logits, target_tokens, assignments)
-        num_local = min(config.num_local_views, local_views.shape[1]) if local_views is not None else 0
-        if num_local > 0 and cls_assignments is not None:
-            views = local_views[:, :num_local].flatten(0, 1)
-            # Local crops need not be a multiple of the patch size (96 px with 14-px patches): the original's
-            # strided patch convolution ignores the remainder, so drop it here too. Only CLS is read.
-            height, width = (side - side % config.patch_size for side in views.shape[-2:])
-            view_cls.append(self.stellar.encode(views[..., :height, :width], output_rows=slice(0, 1))[0][:, 0])
-        if cls_assignments is not None and view_cls:
-            cls_loss = self.view_cls_loss(view_cls, cls_assignments)
-
-        loss = (
-            config.effective_reconstruction_weight * reconstruction_loss
-            + total_koleo
-            + clustering_loss
-            + cls_clustering_loss
-            + mask_loss
-            + cls_loss
-        )
-        output = StellarForPreTrainingOutput(
-            loss=loss,
-            reconstruction_loss=reconstruction_loss,
-            koleo_loss=total_koleo,
-            clustering_loss=clustering_loss,
-            cls_clustering_loss=cls_clustering_loss,
-            mask_loss=mask_loss,
-            cls_loss=cls_loss,
-            reconstruction=prediction if config.reconstruction_target == "pixel" else None,
-            logits=prediction if config.reconstruction_target == "vq" else None,
-            sparse_tokens=sparse_tokens,
-            spatial_map=outputs.spatial_map,
-            cls_embedding=outputs.cls_embedding,
-            assignments=assignments,
-        )
-        return output if return_dict else output.to_tuple()
-
-    def matched_clustering_loss(
-        self,
-        predicted_tokens: torch.Tensor,
-        predicted_logits: torch.Tensor,
-        target_tokens: torch.Tensor,
-        assignments: torch.Tensor,
-    ) -> torch.Tensor:
-        """
-        Each predicted token learns the clustering target of the target token it is matched to.
-
-        Args:
-            predicted_tokens: `(B * V, r, d)`, rows image-major; predicted_logits: `(B * V, r, C)`.
-            target_tokens: `(B, r, d)`; assignments: `(B, r, C)`.
-        """
-        num_views = predicted_tokens.shape[0] // target_tokens.shape[0]
-        index, _ = match_tokens(
-            predicted_tokens,
-            target_tokens.repeat_interleave(num_views, dim=0),
-            epsilon=self.config.matcher_epsilon,
-            num_iterations=self.config.matcher_iterations,
-        )
-        targets = gather_matched_targets(assignments, index)
-        return clustering_cross_entropy(predicted_logits, targets, self.config.prediction_temperature)
+    def encode_local_views(self, views: torch.Tensor) -> torch.Tensor:
+        """Local views (spec section 4, item 5) `(V, C, s, s)` -> their CLS `(V, d)`, the only row computed in the
+        last layer; position embeddings interpolated to s."""
+        return encode_view_rows(self.stellar, views, slice(0, 1))[:, 0]
 
     def view_cls_loss(self, view_cls: list[torch.Tensor], cls_assignments: torch.Tensor) -> torch.Tensor:
         """
@@ -1476,17 +1650,57 @@ class StellarForPreTraining(StellarReconstructionHeadMixin, StellarPreTrainedMod
             loss = loss + clustering_cross_entropy(group_logits, targets, self.config.prediction_temperature)
         return loss
 
+    # -- deprecated: the EMA teacher moved to `stellar_hf.pretraining` -----------------------------------------------
+
+    @property
+    def teacher(self) -> None:
+        """Deprecated: always `None`; the EMA teacher lives in `stellar_hf.pretraining.StellarEMATeacher`."""
+        warnings.warn(f"StellarForPreTraining.teacher is deprecated: {_TEACHER_MOVED}", FutureWarning, stacklevel=2)
+
+    def update_teacher(self, momentum: float) -> None:
+        """Removed: `StellarEMATeacher.update(model, momentum)`."""
+        raise AttributeError(f"StellarForPreTraining.update_teacher was removed: {_TEACHER_MOVED}")
+
+    def reset_teacher(self) -> None:
+        """Removed: `StellarEMATeacher.from_student(model)`."""
+        raise AttributeError(f"StellarForPreTraining.reset_teacher was removed: {_TEACHER_MOVED}")
+
+    def teacher_momentum(self, step: int, total_steps: int) -> float:
+        """Removed: `StellarEMATeacher.momentum(step, total_steps)`."""
+        raise AttributeError(f"StellarForPreTraining.teacher_momentum was removed: {_TEACHER_MOVED}")
+
+
+# Names of earlier versions, importable with a deprecation warning: the new name, in the module that holds it.
+_DEPRECATED_NAMES = {
+    "StellarTeacher": ("pretraining", "StellarEMATeacher"),
+    "StellarReconstructionHeadMixin": ("modeling_stellar", "StellarDecodingModel"),
+}
+
+
+def __getattr__(name: str):
+    if name not in _DEPRECATED_NAMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module_name, new_name = _DEPRECATED_NAMES[name]
+    warnings.warn(
+        f"{name} is deprecated: use stellar_hf.{module_name}.{new_name}", FutureWarning, stacklevel=2
+    )
+    # Not a relative import statement: a remote-code copy of this file must not need the training-side module.
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    return getattr(module, new_name)
+
 
 __all__ = [
+    "STELLAR_AUTO_MAP",
+    "StellarClusteringHead",
+    "StellarDecodingModel",
+    "StellarForImageClassification",
+    "StellarForImageReconstruction",
     "StellarForPreTraining",
     "StellarForPreTrainingOutput",
-    "StellarPreTrainedModel",
     "StellarModel",
-    "StellarForImageReconstruction",
-    "StellarForImageClassification",
     "StellarModelOutput",
-    "StellarReconstructionOutput",
-    "StellarClusteringHead",
+    "StellarPreTrainedModel",
+    "StellarPreTrainingTargets",
     "StellarPrototypes",
-    "STELLAR_AUTO_MAP",
+    "StellarReconstructionOutput",
 ]

@@ -23,7 +23,7 @@ from stellar_hf import (
     StellarForImageReconstruction,
     StellarModel,
 )
-from stellar_hf.modeling_stellar import StellarForPreTraining
+from stellar_hf.modeling_stellar import StellarForPreTraining, StellarPreTrainingTargets
 
 TINY_CONFIG = {
     "hidden_size": 32,
@@ -86,6 +86,7 @@ RECONSTRUCTION_VQ = Case("reconstruction-vq", StellarForImageReconstruction, (("
 CLASSIFICATION = Case("classification", StellarForImageClassification)
 PRETRAINING = Case("pretraining", StellarForPreTraining)
 PRETRAINING_VQ = Case("pretraining-vq", StellarForPreTraining, (("reconstruction_target", "vq"),))
+# With `use_ema_teacher` the targets come from outside the model (`teacher_targets`, see `make_inputs`).
 PRETRAINING_EMA = Case("pretraining-ema", StellarForPreTraining, (("use_ema_teacher", True),))
 
 ALL_CASES = [
@@ -106,7 +107,7 @@ def build_model(case: Case, seed: int = 0, attn_implementation: str | None = Non
     A tiny model of `case` in eval mode, built after `torch.manual_seed(seed)`.
 
     With `perturb`, every floating parameter and buffer gets seeded noise, so that biases, LayerNorms and the
-    EMA teacher are all distinct from their init values (a reload that re-initialises anything is then visible).
+    prototypes are all distinct from their init values (a reload that re-initialises anything is then visible).
     """
     torch.manual_seed(seed)
     config = case.config(**overrides)
@@ -137,16 +138,17 @@ def make_inputs(case: Case, config: StellarConfig, batch_size: int = BATCH_SIZE,
     """
     Keyword arguments for one deterministic forward pass of `case`.
 
-    Pretraining gets global and local views and explicit masking noise (every head and loss is used); the VQ
-    target gets `target_codes`; the classifier gets `labels` (when asked).
+    Pretraining gets global and local views and explicit masking noise (every head and loss is used), and with
+    `use_ema_teacher` seeded `teacher_targets` (what a teacher returns: tokens, assignments whose rows sum to one);
+    the VQ target gets its codes as `labels`; the classifier gets `labels` (when asked).
     """
     generator = torch.Generator().manual_seed(seed)
     inputs = {"pixel_values": make_pixel_values(batch_size, config.image_size, config.image_size, seed)}
     takes_codes = case.model_class in (StellarForImageReconstruction, StellarForPreTraining)
     if config.reconstruction_target == "vq" and takes_codes:
-        inputs["target_codes"] = torch.randint(
-            0, config.vq_codebook_size, (batch_size, NUM_PATCHES), generator=generator
-        )
+        codes = torch.randint(0, config.vq_codebook_size, (batch_size, NUM_PATCHES), generator=generator)
+        if labels:
+            inputs["labels"] = codes
     if case.model_class is StellarForImageClassification and labels:
         inputs["labels"] = torch.randint(0, config.num_labels, (batch_size,), generator=generator)
     if case.is_pretraining:
@@ -154,7 +156,23 @@ def make_inputs(case: Case, config: StellarConfig, batch_size: int = BATCH_SIZE,
         inputs["global_views"] = torch.randn(batch_size, config.num_masked_views, 3, size, size, generator=generator)
         inputs["local_views"] = torch.randn(batch_size, config.num_local_views, 3, local, local, generator=generator)
         inputs["mask_noise"] = torch.rand(batch_size * config.num_masked_views, NUM_PATCHES, generator=generator)
+        if config.use_ema_teacher:
+            inputs["teacher_targets"] = make_teacher_targets(config, batch_size, generator)
     return inputs
+
+
+def make_teacher_targets(
+    config: StellarConfig, batch_size: int, generator: torch.Generator
+) -> StellarPreTrainingTargets:
+    """Seeded stand-ins for an EMA teacher's targets: tokens `(B, r, d)`, assignments `(B, r, C)` and `(B, 1, C)`."""
+    num_prototypes = config.num_prototypes
+    return StellarPreTrainingTargets(
+        tokens=torch.randn(batch_size, NUM_SPARSE, config.hidden_size, generator=generator),
+        assignments=torch.randn(batch_size, NUM_SPARSE, num_prototypes, generator=generator).softmax(-1),
+        cls_assignments=torch.randn(batch_size, 1, num_prototypes, generator=generator).softmax(-1)
+        if config.use_cls_clustering
+        else None,
+    )
 
 
 def output_tensors(output) -> dict[str, torch.Tensor]:

@@ -45,6 +45,7 @@ from stellar_hf.modeling_stellar import (
     StellarForPreTraining,
     StellarModel,
 )
+from stellar_hf.pretraining import StellarEMATeacher
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PARITY_TOLERANCE = 1e-5
@@ -236,8 +237,9 @@ def original_teacher_name(student_name: str) -> str:
     raise AssertionError(f"the original teacher has no copy of {student_name}")
 
 
-def original_state_dict(model, extras: bool = True) -> dict[str, torch.Tensor]:
-    """`model`'s weights under the original's names, plus the keys the original saves but never uses."""
+def original_state_dict(model, extras: bool = True, teacher=None) -> dict[str, torch.Tensor]:
+    """`model`'s weights (and an EMA `teacher`'s) under the original's names, plus the keys the original saves but
+    never uses."""
     config = model.config
     state = model.state_dict()
     if isinstance(model, StellarModel):
@@ -246,13 +248,12 @@ def original_state_dict(model, extras: bool = True) -> dict[str, torch.Tensor]:
     original = {
         original_name(name, single): tensor.clone() for name, tensor in state.items() if not name.startswith("teacher.")
     }
-    if getattr(model, "teacher", None) is not None:
-        # `StellarTeacher` names its modules as the student does. The original teacher has no factorization.
+    if teacher is not None:
+        # `StellarEMATeacher` names its modules as the student does; like the original's, it has no factorization.
         original.update(
             {
                 original_teacher_name(original_name(name, single)): tensor.clone()
-                for name, tensor in model.teacher.state_dict().items()
-                if not name.startswith("stellar.factorization.")
+                for name, tensor in teacher.state_dict().items()
             }
         )
     if not extras:
@@ -260,7 +261,7 @@ def original_state_dict(model, extras: bool = True) -> dict[str, torch.Tensor]:
     d, generator = config.hidden_size, torch.Generator().manual_seed(1)
     original["encoder.pooler.dense.weight"] = torch.randn(d, d, generator=generator)
     original["encoder.pooler.dense.bias"] = torch.randn(d, generator=generator)
-    if getattr(model, "teacher", None) is not None:
+    if teacher is not None:
         original["teacher_encoder.pooler.dense.weight"] = torch.randn(d, d, generator=generator)
         original["teacher_encoder.pooler.dense.bias"] = torch.randn(d, generator=generator)
     if "decoder_proj.weight" in original:
@@ -424,7 +425,7 @@ def test_unseen_checkpoints(name, tmp_path):
     if case.teacher_and_tokenizer:  # `add_teacher_and_tokenizer` saves the teacher as a copy of the student
         assert converted.config.use_ema_teacher
         student = converted.state_dict()
-        for key, tensor in converted.teacher.state_dict().items():
+        for key, tensor in StellarEMATeacher.from_pretrained(tmp_path / "hf", converted).state_dict().items():
             assert torch.equal(tensor, student[key]), key
 
     reloaded = model_class.from_pretrained(tmp_path / "hf").eval()
@@ -459,35 +460,41 @@ def test_clustering_heads_without_a_decoder_give_the_encoder(tmp_path, caplog):
 TEACHER_CONFIG = {"use_ema_teacher": True}
 
 
-def assert_teacher_is(model: StellarForPreTraining, source: StellarForPreTraining) -> None:
-    """`model`'s teacher equals `source`'s exactly and differs from `model`'s student, except the factorization,
-    which the original teacher does not have: that one is the student's."""
+def random_run_with_teacher(config: StellarConfig) -> tuple[StellarForPreTraining, StellarEMATeacher]:
+    """A run saved mid-training: a perturbed student and an EMA teacher that differs from it."""
+    source = random_model(StellarForPreTraining, config)
+    teacher = StellarEMATeacher.from_student(source)
+    with torch.no_grad():
+        for parameter in teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    return source, teacher
+
+
+def assert_teacher_is(folder: Path, model: StellarForPreTraining, source_teacher: StellarEMATeacher) -> None:
+    """The teacher saved in `folder` for `model` equals `source_teacher` exactly and differs from the student."""
     student = model.state_dict()
-    source_teacher, source_student = source.teacher.state_dict(), source.state_dict()
-    teacher = model.teacher.state_dict()
-    assert set(teacher) == set(source_teacher)
-    for name, tensor in teacher.items():
-        if name.startswith("stellar.factorization."):
-            assert torch.equal(tensor, source_student[name]), name
-        else:
-            assert torch.equal(tensor, source_teacher[name]), name
-            assert not torch.equal(tensor, student[name]), f"{name} is the student's"
-    assert not any(parameter.requires_grad for parameter in model.teacher.parameters())
+    teacher = StellarEMATeacher.from_pretrained(folder, model)
+    expected = source_teacher.state_dict()
+    assert set(teacher.state_dict()) == set(expected)
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+        assert not torch.equal(tensor, student[name]), f"{name} is the student's"
+    assert not any(parameter.requires_grad for parameter in teacher.parameters())
 
 
 @pytest.mark.parametrize("file_name", ["run.ckpt", "run.safetensors"])
 def test_ema_teacher_is_converted(file_name, tmp_path, caplog):
     """A run saved mid-training with its EMA teacher: the teacher is converted, not re-made from the student."""
-    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))  # teacher and student differ
-    original = original_state_dict(source)
+    source, source_teacher = random_run_with_teacher(tiny_config(**TEACHER_CONFIG))  # teacher and student differ
+    original = original_state_dict(source, teacher=source_teacher)
     teacher_keys = [name for name in original if name.startswith("teacher_")]
     assert "teacher_sparse_tokens" in original and "teacher_cls_head.layer.weight" in original
     path = write_checkpoint(original, tmp_path / file_name)
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
         converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
     assert type(converted) is StellarForPreTraining and converted.config.use_ema_teacher
-    assert_teacher_is(converted, source)
-    assert_teacher_is(StellarForPreTraining.from_pretrained(tmp_path / "hf"), source)
+    assert_teacher_is(tmp_path / "hf", converted, source_teacher)
+    assert_teacher_is(tmp_path / "hf", StellarForPreTraining.from_pretrained(tmp_path / "hf"), source_teacher)
     assert StellarConfig.from_pretrained(tmp_path / "hf").use_ema_teacher
     # The teacher's pooler is dropped like the student's, by name; the rest is converted.
     assert f"converted the EMA teacher: {len(teacher_keys) - 2} tensors" in caplog.text
@@ -518,11 +525,12 @@ def test_ema_teacher_of_the_parity_checkpoint(stellar_parity_dir, tmp_path):
     converted = convert_checkpoint(path, tmp_path / "hf", **PARITY_SETTINGS)
     assert converted.config.use_ema_teacher
     state = converted.state_dict()
+    teacher_state = StellarEMATeacher.from_pretrained(tmp_path / "hf", converted).state_dict()
     for student_name in students:
         if student_name.startswith("encoder.pooler."):
             continue
         tensor, ours = teacher[original_teacher_name(student_name)], rename_key(student_name)  # the student's name
-        assert torch.equal(state["teacher." + ours], tensor), student_name
+        assert torch.equal(teacher_state[ours], tensor), student_name
         assert not torch.equal(state[ours], tensor), student_name
     # The student is untouched: it still reproduces the original's outputs.
     inputs = load_file(str(stellar_parity_dir / "inputs.safetensors"))
@@ -540,8 +548,12 @@ def test_ema_teacher_of_the_parity_checkpoint(stellar_parity_dir, tmp_path):
     ids=["no-decoder-encoder-only", "no-heads-reconstruction"],
 )
 def test_ema_teacher_of_a_class_without_teacher_is_counted(removed, model_class, tmp_path, caplog):
-    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
-    original = {name: tensor for name, tensor in original_state_dict(source).items() if not re.match(removed, name)}
+    source, source_teacher = random_run_with_teacher(tiny_config(**TEACHER_CONFIG))
+    original = {
+        name: tensor
+        for name, tensor in original_state_dict(source, teacher=source_teacher).items()
+        if not re.match(removed, name)
+    }
     teacher_keys = [name for name in original if name.startswith("teacher_")]
     path = write_checkpoint(original, tmp_path / "run.safetensors")
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
@@ -558,8 +570,8 @@ def test_ema_teacher_of_a_class_without_teacher_is_counted(removed, model_class,
 
 
 def test_ema_teacher_keys_are_checked_strictly(tmp_path):
-    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
-    original = original_state_dict(source)
+    source, source_teacher = random_run_with_teacher(tiny_config(**TEACHER_CONFIG))
+    original = original_state_dict(source, teacher=source_teacher)
 
     unknown = {**original, "teacher_projector.weight": torch.ones(2), "teacher_head.extra.weight": torch.ones(2)}
     path = write_checkpoint(unknown, tmp_path / "unknown.safetensors")
@@ -630,12 +642,13 @@ def test_hyper_parameters_with_a_teacher_but_no_teacher_weights(hyper_parameters
 
 
 def test_hyper_parameters_agree_with_teacher_weights(tmp_path, caplog):
-    source = random_model(StellarForPreTraining, tiny_config(**TEACHER_CONFIG))
+    source, source_teacher = random_run_with_teacher(tiny_config(**TEACHER_CONFIG))
     hyper_parameters = {"args": argparse.Namespace(momentum_teacher=True)}
-    path = write_checkpoint(original_state_dict(source), tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
+    original = original_state_dict(source, teacher=source_teacher)
+    path = write_checkpoint(original, tmp_path / "run.ckpt", hyper_parameters=hyper_parameters)
     with caplog.at_level("INFO", logger="stellar_hf.convert"):
         converted = convert_checkpoint(path, tmp_path / "hf", **TINY_SETTINGS)
-    assert_teacher_is(converted, source)
+    assert_teacher_is(tmp_path / "hf", converted, source_teacher)
     assert "holds no teacher weights" not in caplog.text
 
 

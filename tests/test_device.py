@@ -26,6 +26,9 @@ from stellar_tester import (
 )
 from test_vqgan import tiny_model as tiny_vqgan
 
+from stellar_hf.modeling_stellar import encode_view_rows
+from stellar_hf.pretraining import StellarEMATeacher
+
 LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,7 +50,14 @@ def full_fp32(device):
 
 
 def on(device: torch.device, inputs: dict) -> dict:
-    return {key: value.to(device) for key, value in inputs.items()}
+    """`inputs` on `device`; a `ModelOutput` among them (teacher targets) field by field."""
+    moved = {}
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor):
+            moved[key] = value.to(device)
+        else:
+            moved[key] = type(value)(**{name: tensor.to(device) for name, tensor in value.items()})
+    return moved
 
 
 def autocast_dtype(device: torch.device, name: str) -> torch.dtype:
@@ -102,7 +112,7 @@ def attention_implementations(device: torch.device) -> list[str]:
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "flash_attention_2"])
 def test_fused_attention_matches_eager(attn_implementation, device):
-    # Also through `output_rows`, where the last layer's queries are fewer than its keys.
+    # Also through `encode_view_rows`, where the last layer's queries are fewer than its keys.
     if attn_implementation not in attention_implementations(device):
         pytest.skip(f"{attn_implementation} is not available on {device} (flash-attn not installed or not CUDA)")
     dtype = torch.float32 if attn_implementation == "sdpa" else autocast_dtype(device, "bf16")
@@ -119,8 +129,8 @@ def test_fused_attention_matches_eager(attn_implementation, device):
             atol=tolerance,
         )
         torch.testing.assert_close(
-            fused.encode(pixel_values, output_rows=rows)[0].float(),
-            eager.encode(pixel_values)[0][:, rows].float(),
+            encode_view_rows(fused, pixel_values, rows).float(),
+            eager(pixel_values).last_hidden_state[:, rows].float(),
             rtol=tolerance,
             atol=tolerance,
         )
@@ -130,11 +140,15 @@ def test_fused_attention_matches_eager(attn_implementation, device):
 def test_pretraining_steps_with_fused_adamw(case, device):
     model = build_model(case).to(device).train()
     inputs = on(device, make_inputs(case, model.config))
+    teacher = StellarEMATeacher.from_student(model) if model.config.use_ema_teacher else None
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    teacher_before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()} if teacher else {}
     for _ in range(2):
         with torch.autocast(device.type, dtype=dtype):
+            if teacher is not None:
+                inputs["teacher_targets"] = teacher(inputs["pixel_values"], inputs["global_views"])
             loss = model(**inputs).loss
         assert torch.isfinite(loss), loss
         loss.backward()
@@ -143,10 +157,12 @@ def test_pretraining_steps_with_fused_adamw(case, device):
         assert torch.isfinite(torch.stack([p.grad.float().norm() for p in optimizer.param_groups[0]["params"]])).all()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if model.teacher is not None:
-            model.update_teacher(0.9)
-    # The student moves by AdamW, the EMA teacher (when there is one) by update_teacher.
+        if teacher is not None:
+            teacher.update(model, 0.9)
+    # The student moves by AdamW, the EMA teacher (when there is one) by its update.
     unchanged = [name for name, parameter in model.named_parameters() if torch.equal(parameter, before[name])]
+    teacher_state = teacher.state_dict() if teacher is not None else {}
+    unchanged += [f"teacher.{key}" for key, value in teacher_before.items() if torch.equal(value, teacher_state[key])]
     assert unchanged == [], f"parameters that did not move: {unchanged}"
 
 

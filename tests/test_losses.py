@@ -9,10 +9,13 @@ import torch.nn.functional as F
 from stellar_hf.losses_stellar import (
     all_reduce_if_distributed,
     clustering_cross_entropy,
+    clustering_targets,
     gather_matched_targets,
+    kept_patch_indices,
     koleo_loss,
     masking_noise,
     match_tokens,
+    matched_clustering_loss,
     num_kept_patches,
     random_masking,
     sinkhorn_knopp,
@@ -62,6 +65,27 @@ def test_parity_matching(expected):
 def test_parity_masked_view_loss(expected):
     targets = gather_matched_targets(expected["clustering_assignments"], expected["match_index"])
     loss = clustering_cross_entropy(expected["masked_view_logits"], targets, temperature=0.12)
+    torch.testing.assert_close(loss, expected["masked_view_loss"].squeeze(), rtol=0, atol=ATOL)
+
+
+def test_parity_clustering_targets(expected):
+    # The model's targets: Sinkhorn-Knopp of the head logits over every token of the batch, at temperature 0.06.
+    for prefix in ("", "cls_"):
+        targets = clustering_targets(expected[f"{prefix}clustering_logits"], TARGET_TEMPERATURE, num_iterations=3)
+        torch.testing.assert_close(targets, expected[f"{prefix}clustering_assignments"], rtol=0, atol=ATOL)
+
+
+def test_parity_matched_clustering_loss(expected):
+    # Matching, target lookup and cross-entropy in one: the masked-view loss from the tokens themselves.
+    loss = matched_clustering_loss(
+        expected["match_predictions"],
+        expected["masked_view_logits"],
+        expected["sparse"],
+        expected["clustering_assignments"],
+        temperature=0.12,
+        epsilon=0.1,
+        num_iterations=5,
+    )
     torch.testing.assert_close(loss, expected["masked_view_loss"].squeeze(), rtol=0, atol=ATOL)
 
 
@@ -259,10 +283,7 @@ def test_masking_noise_is_reproducible():
     assert noise(0).shape == (8, 49) and noise(0).dtype == torch.float32
     assert torch.equal(noise(0), noise(0))
     assert not torch.equal(noise(0), noise(1))
-    sequence = torch.randn(8, 49, 4)
-    first, second = random_masking(sequence, noise(3), 0.8), random_masking(sequence, noise(3), 0.8)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    assert torch.equal(kept_patch_indices(noise(3), 0.8), kept_patch_indices(noise(3), 0.8))
 
 
 def test_masking_noise_focal_probability_bounds():
@@ -277,12 +298,30 @@ def test_masking_noise_focal_probability_bounds():
     ("num_patches", "mask_ratio", "expected_kept"),
     [(196, 0.8, 39), (16, 0.75, 4), (49, 0.0, 49), (16, 0.99, 1), (10, 0.9, 1)],
 )
-def test_random_masking_counts(num_patches, mask_ratio, expected_kept):
+def test_kept_patch_indices_are_the_lowest_noise_patches(num_patches, mask_ratio, expected_kept):
     assert num_kept_patches(num_patches, mask_ratio) == expected_kept
+    noise = torch.rand(3, num_patches, generator=torch.Generator().manual_seed(0))
+    kept = kept_patch_indices(noise, mask_ratio)
+    assert kept.shape == (3, expected_kept) and kept.dtype == torch.int64
+    for row in range(3):
+        assert kept[row].tolist() == noise[row].argsort()[:expected_kept].tolist()  # in increasing noise order
+
+
+def test_kept_patch_indices_break_ties_in_patch_order():
+    noise = torch.tensor([[0.5, 0.1, 0.5, 0.1, 0.5]])
+    assert kept_patch_indices(noise, 0.4).tolist() == [[1, 3, 0]]
+
+
+@pytest.mark.parametrize(
+    ("num_patches", "mask_ratio", "expected_kept"),
+    [(196, 0.8, 39), (16, 0.75, 4), (49, 0.0, 49), (16, 0.99, 1), (10, 0.9, 1)],
+)
+def test_deprecated_random_masking_counts(num_patches, mask_ratio, expected_kept):
     generator = torch.Generator().manual_seed(0)
     sequence = torch.randn(3, num_patches, 6)
     noise = torch.rand(3, num_patches, generator=generator)
-    kept, mask, ids_restore = random_masking(sequence, noise, mask_ratio)
+    with pytest.warns(FutureWarning, match="kept_patch_indices"):
+        kept, mask, ids_restore = random_masking(sequence, noise, mask_ratio)
     assert kept.shape == (3, expected_kept, 6)
     assert mask.shape == (3, num_patches) and mask.dtype == torch.float32
     assert torch.equal(mask.sum(1), torch.full((3,), float(num_patches - expected_kept)))
@@ -298,33 +337,33 @@ def test_random_masking_counts(num_patches, mask_ratio, expected_kept):
     torch.testing.assert_close(restored, sequence * (1 - mask).unsqueeze(-1))
 
 
-def test_random_masking_validates():
-    with pytest.raises(ValueError):
+def test_masking_validates():
+    with pytest.raises(ValueError), pytest.warns(FutureWarning):
         random_masking(torch.randn(2, 9, 3), torch.rand(2, 8), 0.5)
+    with pytest.raises(ValueError):
+        kept_patch_indices(torch.rand(2, 8, 1), 0.5)
     with pytest.raises(ValueError):
         num_kept_patches(9, 1.0)
 
 
-def _mean_pairwise_distance_of_kept(mask, grid_height, grid_width):
+def _mean_pairwise_distance_of_kept(kept_indices, grid_height, grid_width):
     rows = torch.arange(grid_height).repeat_interleave(grid_width).float()
     cols = torch.arange(grid_width).repeat(grid_height).float()
     coordinates = torch.stack([rows, cols], dim=-1)
     distances = []
-    for row_mask in mask:
-        kept = coordinates[row_mask == 0]
+    for row in kept_indices:
+        kept = coordinates[row]
         distances.append(torch.cdist(kept, kept).sum() / (len(kept) * (len(kept) - 1)))
     return torch.stack(distances).mean()
 
 
 def test_focal_masking_clusters_kept_patches():
     grid, batch_size, mask_ratio = 14, 64, 0.8
-    sequence = torch.zeros(batch_size, grid * grid, 1)
     spreads = {}
     for focal_probability in (0.0, 1.0):
         generator = torch.Generator().manual_seed(0)
         noise = masking_noise(batch_size, grid, grid, focal_probability=focal_probability, generator=generator)
-        _, mask, _ = random_masking(sequence, noise, mask_ratio)
-        spreads[focal_probability] = _mean_pairwise_distance_of_kept(mask, grid, grid)
+        spreads[focal_probability] = _mean_pairwise_distance_of_kept(kept_patch_indices(noise, mask_ratio), grid, grid)
     assert spreads[1.0] < 0.8 * spreads[0.0]
 
 

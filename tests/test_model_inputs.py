@@ -18,8 +18,13 @@ from stellar_tester import (
     make_pixel_values,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from stellar_hf.modeling_stellar import PIXEL_VALUE_LIMIT, check_pixel_values
+from stellar_hf.modeling_stellar import (
+    PIXEL_VALUE_LIMIT,
+    check_input_values,
+    check_pixel_values,
+)
 
 # ---------------------------------------------------------------------------------------------- empty batch
 
@@ -48,7 +53,7 @@ def test_pixel_values_far_beyond_any_image_are_refused(case, scale):
 def test_huge_pixel_values_would_give_nan_without_the_check(monkeypatch):
     # Why the bound exists: 1e20 is finite, yet the encoder's LayerNorm squares the patch embeddings and overflows.
     model = build_model(RECONSTRUCTION_PIXEL)
-    monkeypatch.setattr("stellar_hf.modeling_stellar.check_pixel_values", lambda *args: None)
+    monkeypatch.setattr("stellar_hf.modeling_stellar.check_pixel_values", lambda *args, **kwargs: None)
     with torch.no_grad():
         output = model(make_pixel_values() * 1e20)
     assert not torch.isfinite(output.sparse_tokens).all()
@@ -95,7 +100,8 @@ class FullSizeReads(TorchDispatchMode):
         self.numel, self.ops = numel, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        tensors = [value for value in (*args, *(kwargs or {}).values()) if isinstance(value, torch.Tensor)]
+        leaves = tree_leaves((args, kwargs or {}))  # fused (foreach) ops take lists of tensors
+        tensors = [value for value in leaves if isinstance(value, torch.Tensor)]
         if any(tensor.numel() == self.numel for tensor in tensors):
             self.ops.append(func.__name__)
         return func(*args, **(kwargs or {}))
@@ -107,6 +113,18 @@ def test_the_value_check_reads_the_input_once():
         check_pixel_values(pixel_values, 3, 8)
     # `detach` is a view (no read); the only pass over the data is one aminmax.
     assert [op for op in reads.ops if not op.startswith("detach")] == ["aminmax.default"], reads.ops
+
+
+def test_several_inputs_are_checked_with_one_reduction_and_name_the_bad_one():
+    tensors = {"first": make_pixel_values(), "second": make_pixel_values(seed=1), "third": make_pixel_values(seed=2)}
+    check_input_values(tensors, PIXEL_VALUE_LIMIT)
+    tensors["second"][0, 1, 2, 3] = float("inf")
+    tensors["third"][0, 0, 0, 0] = 2e4
+    with pytest.raises(ValueError, match=r"^second contains NaN or infinite values"):
+        check_input_values(tensors, PIXEL_VALUE_LIMIT)
+    tensors["second"][0, 1, 2, 3] = 0.0
+    with pytest.raises(ValueError, match=r"^third holds values of magnitude up to 2e\+04"):
+        check_input_values(tensors, PIXEL_VALUE_LIMIT)
 
 
 # ---------------------------------------------------------------------------------------------- reconstruct

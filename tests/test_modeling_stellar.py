@@ -6,6 +6,7 @@ eager vs SDPA, dtypes) run on every class through `stellar_tester`; the rest pin
 """
 
 import dataclasses
+import json
 import math
 import warnings
 
@@ -35,13 +36,14 @@ from stellar_tester import (
     build_model,
     make_inputs,
     make_pixel_values,
+    make_teacher_targets,
     output_tensors,
     parameter_gradients,
-    perturb_,
     scalar_objective,
     tiny_config,
     trainable_parameters_without_gradient,
 )
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stellar_hf import (
     MaskGitVQGANConfig,
@@ -53,7 +55,13 @@ from stellar_hf import (
     StellarModelOutput,
 )
 from stellar_hf.losses_stellar import clustering_cross_entropy
-from stellar_hf.modeling_stellar import StellarForPreTraining, StellarMLP
+from stellar_hf.modeling_stellar import (
+    STELLAR_AUTO_MAP,
+    StellarForPreTraining,
+    StellarMLP,
+    encode_view_rows,
+    last_layer_rows,
+)
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -73,8 +81,9 @@ def unnormalize(pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 def config_fields(config: StellarConfig) -> dict:
-    """The config as a dict, without `_name_or_path` (which records where it was loaded from)."""
-    return {key: value for key, value in config.to_dict().items() if key != "_name_or_path"}
+    """The config as a dict, without `_name_or_path` (which records where it was loaded from) and the `auto_map`
+    that only saved configs carry."""
+    return {key: value for key, value in config.to_dict().items() if key not in ("_name_or_path", "auto_map")}
 
 
 # ---------------------------------------------------------------------------------------------- save / load / init
@@ -97,17 +106,28 @@ def test_save_load_round_trip_keeps_every_tensor_and_output(case, tmp_path):
         must_be_saved.append("decoder.position_encoding.gaussian_matrix")
     if case.is_pretraining:
         must_be_saved += ["sparse_clustering_head.prototypes.weight", "cls_clustering_head.prototypes.weight"]
-    if case is PRETRAINING_EMA:
-        must_be_saved += [
-            "teacher.stellar.embeddings.sparse_tokens",
-            "teacher.sparse_clustering_head.prototypes.weight",
-        ]
     assert set(must_be_saved) <= saved_keys, sorted(set(must_be_saved) - saved_keys)
+    # The EMA teacher is training state, never part of a model's weights (see test_ema_teacher.py).
+    assert not [key for key in saved_keys if key.startswith("teacher.")]
     if case.model_class in (StellarForImageReconstruction, StellarForPreTraining):
         assert "decoder.position_encoding.gaussian_matrix" in dict(reloaded.named_buffers())
     assert config_fields(reloaded.config) == config_fields(model.config)
     with torch.no_grad():
         assert_outputs_close(run(reloaded, case), expected, atol=0.0, what="outputs after reload")
+
+
+def test_saved_config_names_every_head_without_changing_the_models_config(tmp_path):
+    # transformers itself records `architectures` and `dtype` when saving; `auto_map` is ours to leave alone.
+    model = build_model(CLASSIFICATION, perturb=False)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == STELLAR_AUTO_MAP
+    assert not hasattr(model.config, "auto_map") and "auto_map" not in model.config.to_dict()
+    model.config.auto_map = {"AutoBackbone": "elsewhere.Backbone"}
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"] == {
+        "AutoBackbone": "elsewhere.Backbone", **STELLAR_AUTO_MAP
+    }
+    assert model.config.auto_map == {"AutoBackbone": "elsewhere.Backbone"}
 
 
 def test_head_and_base_checkpoints_load_into_each_other(tmp_path):
@@ -587,6 +607,35 @@ def test_reconstruct_non_square_needs_grid_size():
     torch.testing.assert_close(rebuilt, output.reconstruction, rtol=0, atol=1e-6)
 
 
+def test_reconstruct_from_lowrank_features_matches_forward():
+    model = build_model(RECONSTRUCTION_PIXEL)
+    with torch.no_grad():
+        output = model(make_pixel_values(height=48, width=32))
+        rebuilt = model.reconstruct(lowrank_features=output.lowrank_features, grid_size=(6, 4))
+        prediction = model.decode_lowrank(output.lowrank_features, (6, 4))
+    torch.testing.assert_close(rebuilt, output.reconstruction, rtol=0, atol=0)
+    torch.testing.assert_close(prediction, output.reconstruction, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        model.reconstruct(output.sparse_tokens, output.spatial_map, lowrank_features=output.lowrank_features)
+    with pytest.raises(ValueError, match="lowrank_features must have shape"):
+        model.reconstruct(lowrank_features=output.lowrank_features[..., :-1], grid_size=(6, 4))
+
+
+def test_decode_lowrank_is_decoder_then_head():
+    # The decode path, step by step: decoder tokens on the grid, then the transposed convolution (pixel) or the
+    # per-patch Linear (VQ).
+    for case in (RECONSTRUCTION_PIXEL, RECONSTRUCTION_VQ):
+        model = build_model(case)
+        lowrank = torch.randn(BATCH_SIZE, 24, HIDDEN, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            tokens = model.decoder(lowrank, (6, 4))
+            if case is RECONSTRUCTION_VQ:
+                expected = model.reconstruction_head(tokens)
+            else:
+                expected = model.reconstruction_head(tokens.transpose(1, 2).reshape(BATCH_SIZE, -1, 6, 4))
+            torch.testing.assert_close(model.decode_lowrank(lowrank, (6, 4)), expected, rtol=0, atol=0)
+
+
 def test_vq_target_logits_and_loss():
     model = build_model(RECONSTRUCTION_VQ)
     inputs = make_inputs(RECONSTRUCTION_VQ, model.config)
@@ -595,14 +644,24 @@ def test_vq_target_logits_and_loss():
         without_codes = model(inputs["pixel_values"])
     assert output.logits.shape == (BATCH_SIZE, NUM_PATCHES, model.config.vq_codebook_size)
     assert output.reconstruction is None
-    expected = F.cross_entropy(output.logits.transpose(1, 2), inputs["target_codes"])
+    expected = F.cross_entropy(output.logits.transpose(1, 2), inputs["labels"])
     torch.testing.assert_close(output.loss, expected, rtol=0, atol=1e-6)
     assert without_codes.loss is None
     torch.testing.assert_close(without_codes.logits, output.logits, rtol=0, atol=0)
     with pytest.raises(ValueError, match="VQGAN|tokenizer"):
         model.reconstruct(output.sparse_tokens, output.spatial_map)
-    with pytest.raises(ValueError, match="target_codes"):
-        model(inputs["pixel_values"], target_codes=inputs["target_codes"][:, :-1])
+    with pytest.raises(ValueError, match="labels"):
+        model(inputs["pixel_values"], labels=inputs["labels"][:, :-1])
+
+
+def test_vq_codes_as_target_codes_still_work_with_a_deprecation_warning():
+    model = build_model(RECONSTRUCTION_VQ)
+    inputs = make_inputs(RECONSTRUCTION_VQ, model.config)
+    with torch.no_grad():
+        expected = model(**inputs)
+        with pytest.warns(FutureWarning, match="labels"):
+            old = model(inputs["pixel_values"], target_codes=inputs["labels"])
+    assert_outputs_close(old, expected, atol=0.0, what="target_codes vs labels")
 
 
 def tiny_vqgan() -> MaskGitVQGANModel:
@@ -619,17 +678,57 @@ def test_vq_target_with_a_tokenizer():
     model = build_model(RECONSTRUCTION_VQ)
     tokenizer = tiny_vqgan()
     pixel_values = make_pixel_values()
+    model.set_vq_tokenizer(tokenizer)
+    assert model.vq_tokenizer is tokenizer
     with torch.no_grad():
-        output = model(pixel_values, vq_tokenizer=tokenizer)
+        output = model(pixel_values)
         codes = tokenizer.encode(unnormalize(pixel_values))
         decoded = tokenizer.decode(output.logits.argmax(-1).view(BATCH_SIZE, GRID, GRID))
-        rebuilt = model.reconstruct(output.sparse_tokens, output.spatial_map, vq_tokenizer=tokenizer)
+        rebuilt = model.reconstruct(output.sparse_tokens, output.spatial_map)
+        with_labels = model(pixel_values, labels=codes)
     torch.testing.assert_close(output.loss, F.cross_entropy(output.logits.transpose(1, 2), codes), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.vq_labels(pixel_values), codes, rtol=0, atol=0)
+    assert_outputs_close(with_labels, output, atol=0.0, what="codes as labels vs codes from the tokenizer")
     assert output.reconstruction.shape == (BATCH_SIZE, 3, 32, 32)
     torch.testing.assert_close(output.reconstruction, decoded, rtol=0, atol=1e-6)
     torch.testing.assert_close(rebuilt, decoded, rtol=0, atol=1e-6)
-    model.set_vq_tokenizer(tokenizer)  # attached, but never part of the model's weights
+    # Attached, but never part of the model's weights, parameters or submodules.
     assert not any("quantize" in key or "tokenizer" in key for key in model.state_dict())
+    assert not any(module is tokenizer for module in model.modules())
+    model.set_vq_tokenizer(None)
+    assert model.vq_tokenizer is None and model(pixel_values).reconstruction is None
+
+
+def test_the_deprecated_tokenizer_argument_attaches_it_and_a_path_is_refused():
+    model = build_model(RECONSTRUCTION_VQ)
+    tokenizer = tiny_vqgan()
+    with torch.no_grad(), pytest.warns(FutureWarning, match="set_vq_tokenizer"):
+        output = model(make_pixel_values(), vq_tokenizer=tokenizer)
+    assert model.vq_tokenizer is tokenizer and output.reconstruction is not None
+    with pytest.raises(ValueError, match="does not load tokenizers"):
+        model(make_pixel_values(), vq_tokenizer="some/folder")
+
+
+def test_a_tokenizer_named_by_the_config_is_loaded_only_when_asked(tmp_path, monkeypatch, caplog):
+    tiny_vqgan().save_pretrained(tmp_path / "vqgan")
+    model = build_model(RECONSTRUCTION_VQ, vq_tokenizer_name_or_path=str(tmp_path / "vqgan"))
+    loads = []
+    original = MaskGitVQGANModel.from_pretrained.__func__
+
+    def counting(cls, *args, **kwargs):
+        loads.append(args)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(MaskGitVQGANModel, "from_pretrained", classmethod(counting))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="stellar_hf.modeling_stellar"):
+        output = model(make_pixel_values())
+    assert loads == [] and output.reconstruction is None and output.loss is None
+    assert "load_vq_tokenizer" in caplog.text
+    tokenizer = model.load_vq_tokenizer()
+    assert len(loads) == 1 and model.vq_tokenizer is tokenizer and model.load_vq_tokenizer() is tokenizer
+    with torch.no_grad():
+        assert model(make_pixel_values()).reconstruction.shape == (BATCH_SIZE, 3, 32, 32)
+    assert len(loads) == 1
 
 
 # ---------------------------------------------------------------------------------------------- classification
@@ -652,6 +751,28 @@ def test_classifier_refuses_bad_labels(labels):
     model = build_model(CLASSIFICATION)
     with pytest.raises(ValueError, match="labels"):
         model(make_pixel_values(), labels=torch.tensor(labels))
+
+
+def test_classifier_ignores_label_minus_100():
+    model = build_model(CLASSIFICATION)
+    with torch.no_grad():
+        output = model(make_pixel_values(), labels=torch.tensor([-100, 2]))
+    torch.testing.assert_close(output.loss, F.cross_entropy(output.logits[1:], torch.tensor([2])), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("problem_type", ["regression", "multi_label_classification"])
+def test_classifier_follows_the_problem_type(problem_type):
+    num_labels = 1 if problem_type == "regression" else 3
+    model = build_model(CLASSIFICATION, num_labels=num_labels, problem_type=problem_type)
+    generator = torch.Generator().manual_seed(3)
+    labels = torch.rand(BATCH_SIZE, num_labels, generator=generator).round()
+    with torch.no_grad():
+        output = model(make_pixel_values(), labels=labels.squeeze(-1) if num_labels == 1 else labels)
+    if problem_type == "regression":
+        expected = F.mse_loss(output.logits.squeeze(-1), labels.squeeze(-1))
+    else:
+        expected = F.binary_cross_entropy_with_logits(output.logits, labels)
+    torch.testing.assert_close(output.loss, expected, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs / configs
@@ -769,14 +890,14 @@ def test_local_views_drop_the_remainder_of_the_patch_grid():
     [slice(0, 1), torch.tensor([0, 13, 14, 15, 16]), torch.tensor([16, 2, 0])],
     ids=["cls-slice", "cls-and-sparse", "unordered"],
 )
-def test_encode_output_rows_equal_the_full_sequence_rows(rows, attn_implementation):
+def test_encode_view_rows_equal_the_full_sequence_rows(rows, attn_implementation):
     # The last layer computes only the rows asked for (keys and values from every row): values and every parameter
-    # gradient must match the full sequence indexed afterwards.
+    # gradient must match the full sequence (the plain encoder on the kept patches) indexed afterwards.
     model = build_model(MODEL, attn_implementation=attn_implementation)
     pixel_values = make_pixel_values()
     keep = torch.tensor([[0, 3, 5, 6, 8, 9, 10, 11, 12, 15, 1, 2], [15, 14, 1, 0, 4, 7, 2, 3, 5, 6, 8, 9]])
-    full = model.encode(pixel_values, patch_keep_indices=keep)[0][:, rows]
-    partial = model.encode(pixel_values, patch_keep_indices=keep, output_rows=rows)[0]
+    full = model.encoder(model.embeddings(pixel_values, patch_keep_indices=keep))[:, rows]
+    partial = encode_view_rows(model, pixel_values, rows, keep)
     torch.testing.assert_close(partial, full, rtol=0, atol=1e-5)
     weights = torch.randn(full.shape, generator=torch.Generator().manual_seed(0))
     assert_gradients_close(
@@ -784,11 +905,29 @@ def test_encode_output_rows_equal_the_full_sequence_rows(rows, attn_implementati
     )
 
 
-def test_encode_output_rows_refuses_hidden_states_and_attentions():
-    model = build_model(MODEL, perturb=False)
-    for flag in ("output_attentions", "output_hidden_states"):
-        with pytest.raises(ValueError, match="output_rows"):
-            model.encode(make_pixel_values(), output_rows=slice(0, 1), **{flag: True})
+def test_last_layer_rows_is_the_layer_on_those_rows():
+    layer = build_model(MODEL).encoder.layers[-1]
+    hidden_states = torch.randn(BATCH_SIZE, SEQUENCE_LENGTH, HIDDEN, generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([0, 17, 18, 19, 20])
+    with torch.no_grad():
+        torch.testing.assert_close(last_layer_rows(layer, hidden_states, rows), layer(hidden_states)[:, rows])
+
+
+def test_the_deprecated_encode_still_answers():
+    model = build_model(MODEL)
+    pixel_values = make_pixel_values()
+    keep = torch.tensor([[0, 3, 5, 6], [15, 14, 1, 0]])
+    with torch.no_grad():
+        output = model(pixel_values, output_hidden_states=True)
+        with pytest.warns(FutureWarning, match="encode is deprecated"):
+            sequence, hidden_states, _ = model.encode(pixel_values, output_hidden_states=True)
+        with pytest.warns(FutureWarning):
+            rows = model.encode(pixel_values, patch_keep_indices=keep, output_rows=slice(0, 1))[0]
+    torch.testing.assert_close(sequence, output.last_hidden_state, rtol=0, atol=0)
+    assert len(hidden_states) == len(output.hidden_states)
+    torch.testing.assert_close(rows, encode_view_rows(model, pixel_values, slice(0, 1), keep), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output_rows"), pytest.warns(FutureWarning):
+        model.encode(pixel_values, output_rows=slice(0, 1), output_attentions=True)
 
 
 def test_kept_patch_embeddings_equal_the_full_embeddings_rows():
@@ -815,7 +954,7 @@ def test_kept_patch_embeddings_under_autocast():
     pixel_values = make_pixel_values()
     keep = torch.tensor([[0, 5, 10, 15], [3, 2, 1, 0]])
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        actual = model(pixel_values, keep)
+        actual = model.embed_kept_patches(pixel_values, keep)
         all_patches = model(pixel_values)
     expected = all_patches.gather(1, keep.unsqueeze(-1).expand(-1, -1, all_patches.shape[-1]))
     assert actual.dtype == expected.dtype == torch.bfloat16
@@ -962,8 +1101,8 @@ def test_pretraining_vq_target():
     inputs = make_inputs(PRETRAINING_VQ, model.config)
     with torch.no_grad():
         output = model(**inputs)
-        codes = inputs.pop("target_codes")
-        with pytest.raises(ValueError, match="VQ|target_codes"):
+        codes = inputs.pop("labels")
+        with pytest.raises(ValueError, match="VQ reconstruction target needs labels"):
             model(**inputs)
     assert output.logits.shape == (BATCH_SIZE, NUM_PATCHES, model.config.vq_codebook_size)
     torch.testing.assert_close(
@@ -981,75 +1120,94 @@ def test_pretraining_without_cls_clustering():
     assert trainable_parameters_without_gradient(model) == []
 
 
-# ---------------------------------------------------------------------------------------------- EMA teacher
+class HostSyncs(TorchDispatchMode):
+    """Counts device-to-host reads (`.item()`, `bool(tensor)`, `.tolist()`): each is a sync on an accelerator."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
-def teacher_pairs(model):
-    return [
-        (model.teacher.stellar, model.stellar),
-        (model.teacher.sparse_clustering_head, model.sparse_clustering_head),
-        (model.teacher.cls_clustering_head, model.cls_clustering_head),
-    ]
+@pytest.mark.parametrize("case", [PRETRAINING, PRETRAINING_EMA], ids=str)
+def test_a_pretraining_step_checks_its_inputs_with_one_host_sync(case):
+    # The main image, the masked views and the local views are encoded separately, but their values are checked
+    # together: one reduction each, one host sync for the whole step.
+    model = build_model(case).train()
+    inputs = make_inputs(case, model.config)
+    with HostSyncs() as syncs:
+        model(**inputs).loss.backward()
+    assert syncs.count == 1
+    inputs["local_views"][1, 0, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match="local_views contains NaN"):
+        model(**inputs)
 
 
-def test_teacher_starts_as_a_copy_with_its_own_storage():
+def test_pretraining_checks_every_view_it_encodes():
+    model = build_model(PRETRAINING, perturb=False)
+    inputs = make_inputs(PRETRAINING, model.config)
+    with pytest.raises(ValueError, match=r"global_views must be a 5-D tensor \(batch=2"):
+        model(**{**inputs, "global_views": inputs["global_views"][:1]})
+    inputs["global_views"][1, 1] = 1e6
+    with pytest.raises(ValueError, match="global_views holds values of magnitude up to 1e\\+06"):
+        model(**inputs)
+
+
+# ---------------------------------------------------------------------------------------------- teacher targets
+
+
+def test_teacher_targets_replace_the_models_own():
+    # With targets from outside (an EMA teacher's), the main image's tokens are matched to the target tokens, as the
+    # masked views' are; the model's own Sinkhorn targets are not used.
+    model = build_model(PRETRAINING)
+    inputs = make_inputs(PRETRAINING, model.config)
+    generator = torch.Generator().manual_seed(4)
+    targets = inputs["teacher_targets"] = make_teacher_targets(model.config, BATCH_SIZE, generator)
+    with torch.no_grad():
+        output = model(**inputs)
+        own = model(**{key: value for key, value in inputs.items() if key != "teacher_targets"})
+        sparse_logits = model.sparse_clustering_head(output.sparse_tokens)
+        cls_logits = model.cls_clustering_head(output.cls_embedding.unsqueeze(1))
+    temperature = model.config.prediction_temperature
+    torch.testing.assert_close(output.assignments, targets.assignments, rtol=0, atol=0)
+    torch.testing.assert_close(
+        output.cls_clustering_loss, clustering_cross_entropy(cls_logits, targets.cls_assignments, temperature)
+    )
+    torch.testing.assert_close(
+        output.clustering_loss,
+        model.matched_clustering_loss(output.sparse_tokens, sparse_logits, targets.tokens, targets.assignments),
+    )
+    for name in ("clustering_loss", "cls_clustering_loss", "mask_loss", "cls_loss"):
+        assert not torch.allclose(output[name], own[name]), name
+    torch.testing.assert_close(output.reconstruction_loss, own.reconstruction_loss, rtol=0, atol=0)
+
+
+def test_use_ema_teacher_without_teacher_targets_is_refused():
     model = build_model(PRETRAINING_EMA, perturb=False)
-    student_pointers = {
-        parameter.data_ptr() for name, parameter in model.named_parameters() if not name.startswith("teacher.")
-    }
-    for teacher, student in teacher_pairs(model):
-        assert_state_dicts_equal(teacher.state_dict(), student.state_dict())
-        assert not {parameter.data_ptr() for parameter in teacher.parameters()} & student_pointers
+    inputs = make_inputs(PRETRAINING_EMA, model.config)
+    inputs.pop("teacher_targets")
+    with pytest.raises(ValueError, match="no teacher_targets.*StellarEMATeacher"):
+        model(**inputs)
 
 
-def test_teacher_gets_no_gradients():
-    model = build_model(PRETRAINING_EMA).train()
-    run(model, PRETRAINING_EMA).loss.backward()
-    for name, parameter in model.teacher.named_parameters():
-        assert not parameter.requires_grad and parameter.grad is None, name
-    assert trainable_parameters_without_gradient(model) == []
+def test_teacher_targets_without_cls_assignments_are_refused_when_cls_is_clustered():
+    model = build_model(PRETRAINING, perturb=False)
+    inputs = make_inputs(PRETRAINING, model.config)
+    inputs["teacher_targets"] = make_teacher_targets(model.config, BATCH_SIZE, torch.Generator().manual_seed(4))
+    inputs["teacher_targets"].cls_assignments = None
+    with pytest.raises(ValueError, match="cls_assignments"):
+        model(**inputs)
 
 
-def test_teacher_stays_frozen_after_from_pretrained(tmp_path):
-    build_model(PRETRAINING_EMA).save_pretrained(tmp_path)
-    model = StellarForPreTraining.from_pretrained(tmp_path)
-    trainable = [name for name, parameter in model.teacher.named_parameters() if parameter.requires_grad]
-    assert trainable == []
-
-
-def clone(state_dict):
-    return {key: value.clone() for key, value in state_dict.items()}
-
-
-def test_update_teacher_moves_teacher_toward_student():
-    model = build_model(PRETRAINING_EMA)
-    perturb_(model.stellar, seed=7)  # as an optimiser step would
-    perturb_(model.sparse_clustering_head, seed=8)
-    perturb_(model.cls_clustering_head, seed=9)
-    momentum = 0.9
-    before = [(clone(teacher.state_dict()), clone(student.state_dict())) for teacher, student in teacher_pairs(model)]
-    model.update_teacher(momentum)
-    for (teacher, student), (teacher_before, student_before) in zip(teacher_pairs(model), before):
-        teacher_after = teacher.state_dict()
-        assert_state_dicts_equal(student.state_dict(), student_before)
-        for key, value in teacher_after.items():
-            expected = momentum * teacher_before[key] + (1 - momentum) * student_before[key]
-            torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
-        distance_before = sum((teacher_before[k] - student_before[k]).norm() for k in teacher_before)
-        distance_after = sum((teacher_after[k] - student_before[k]).norm() for k in teacher_after)
-        assert distance_after < distance_before
-    model.update_teacher(0.0)
-    for teacher, student in teacher_pairs(model):
-        assert_outputs_close(teacher.state_dict(), student.state_dict(), atol=1e-7, what="momentum 0 copies")
-
-
-def test_update_teacher_without_teacher_raises():
-    with pytest.raises(ValueError, match="use_ema_teacher"):
-        build_model(PRETRAINING, perturb=False).update_teacher(0.99)
-
-
-def test_teacher_momentum_schedule():
-    model = build_model(PRETRAINING_EMA, perturb=False, ema_momentum=0.99, ema_momentum_end=1.0)
-    assert model.teacher_momentum(0, 100) == pytest.approx(0.99)
-    assert model.teacher_momentum(50, 100) == pytest.approx(0.995)
-    assert model.teacher_momentum(100, 100) == pytest.approx(1.0)
+def test_the_teacher_left_the_model_and_its_old_methods_say_where_it_went():
+    model = build_model(PRETRAINING, perturb=False)
+    assert not any("teacher" in name for name in model.state_dict())
+    with pytest.warns(FutureWarning, match="StellarEMATeacher"):
+        assert model.teacher is None
+    for name, arguments in (("update_teacher", (0.99,)), ("reset_teacher", ()), ("teacher_momentum", (0, 10))):
+        with pytest.raises(AttributeError, match="StellarEMATeacher"):
+            getattr(model, name)(*arguments)
