@@ -669,7 +669,9 @@ def run_reconstruction(args, model, loaders, device) -> dict:
     tokenizer = None
     if model.config.reconstruction_target == "vq":
         try:
-            tokenizer = model.get_vq_tokenizer(args.vq_tokenizer, device)
+            tokenizer = model.load_vq_tokenizer(args.vq_tokenizer)
+            if tokenizer is not None:
+                tokenizer.to(device)
         except (OSError, ValueError) as error:
             fail(f"cannot load the VQ tokenizer {args.vq_tokenizer or model.config.vq_tokenizer_name_or_path}: {error}")
         if tokenizer is None:

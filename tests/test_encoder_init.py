@@ -118,7 +118,7 @@ def assert_computes_like_hf(encoder: StellarModel, backbone, pixel_values: torch
     for layer in backbone.layers:
         hidden_states = layer(hidden_states)
     expected = backbone.layernorm(hidden_states)
-    torch.testing.assert_close(encoder.encode(pixel_values)[0], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder(pixel_values).last_hidden_state, expected, rtol=0, atol=1e-6)
 
 
 def assert_weights_equal(encoder: StellarModel, backbone) -> None:
@@ -260,7 +260,7 @@ def assert_computes_like_timm(encoder: StellarModel, backbone, pixel_values: tor
     hidden_states = embeddings
     for block in backbone.blocks:
         hidden_states = block(hidden_states)
-    torch.testing.assert_close(encoder.encode(pixel_values)[0], backbone.norm(hidden_states), rtol=0, atol=1e-6)
+    torch.testing.assert_close(encoder(pixel_values).last_hidden_state, backbone.norm(hidden_states), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("form", ["safetensors", "mae-release-pth"])
