@@ -1255,24 +1255,23 @@ def _temperature(value: str) -> float | None:
     return temperature
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _positive_argument(cast, expected: str):
+    """An argparse `type` that reads `cast(text)` and accepts only finite values above 0."""
+
+    def parse(text: str):
+        try:
+            number = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not (number > 0 and math.isfinite(number)):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return number
+
+    return parse
 
 
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if not (number > 0 and math.isfinite(number)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
+positive_int_argument = _positive_argument(int, "a positive integer")
+positive_float_argument = _positive_argument(float, "a positive number")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1288,14 +1287,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="folder to write the converted model to")
     parser.add_argument(
         "--num_attention_heads",
-        type=_positive_int,
+        type=positive_int_argument,
         default=None,
         help="encoder heads (not stored in the weights). Without it: the hyper-parameters' vit_pretrained backbone, "
         f"else the standard widths ({standard}); any other width needs this option",
     )
     parser.add_argument(
         "--decoder_num_attention_heads",
-        type=_positive_int,
+        type=positive_int_argument,
         default=None,
         help=f"decoder heads. Without it: {ORIGINAL_DECODER_HEADS} for a {ORIGINAL_DECODER_WIDTH}-wide decoder (the "
         "original's); any other decoder width needs this option",
@@ -1310,7 +1309,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--layer_norm_eps",
-        type=_positive_float,
+        type=positive_float_argument,
         default=None,
         help=f"LayerNorm epsilon (default: {VIT_LAYER_NORM_EPS:g}, transformers' ViTConfig default that the "
         "original's ViTs use; e.g. 1e-6 for a timm backbone)",

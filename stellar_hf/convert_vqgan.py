@@ -29,7 +29,7 @@ import torch
 from transformers.utils import logging
 
 from .configuration_maskgit_vqgan import MaskGitVQGANConfig
-from .convert import MissingSettingError, find_hyper_parameter, read_checkpoint
+from .convert import MissingSettingError, find_hyper_parameter, positive_int_argument, read_checkpoint
 from .modeling_maskgit_vqgan import MaskGitVQGANModel
 
 logger = logging.get_logger(__name__)
@@ -388,16 +388,6 @@ def _describe_sizes(sizes: Mapping) -> str:
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m stellar_hf.convert_vqgan",
@@ -408,7 +398,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output_dir", required=True, help="folder to write the converted model to")
     parser.add_argument(
         "--image_size",
-        type=_positive_int,
+        type=positive_int_argument,
         default=None,
         help="resolution the tokenizer was trained at, which the tensors do not record. Without it: the tokenizer "
         f"config in the checkpoint's hyper-parameters, else {RELEASED_IMAGE_SIZE} for the released architecture; "
