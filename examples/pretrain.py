@@ -21,7 +21,12 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+# Waiting OpenMP threads that spin make a run that shares its cores with another busy process about 5x slower;
+# sleeping ones cost about 20 % when the run is alone (benchmarks/shared_cores.py). It must be set before torch loads
+# OpenMP; OMP_WAIT_POLICY=ACTIVE in the environment keeps spinning for a machine of its own.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
