@@ -51,13 +51,14 @@ def load_checkout_module(file_name: str, module_name: str):
 
 if stellar_hf is not None:
     from stellar_hf.devices import resolve_device
-    from stellar_hf.image_processing_stellar import to_rgb_image
-    from stellar_hf.visualization import denormalize, spatial_map_overlays
+    from stellar_hf.image_processing_stellar import to_rgb_image, unnormalize_images
+    from stellar_hf.visualization import spatial_map_overlays
 else:
     # None of these files imports from the package, so a checkout's copies load on their own.
     _visualization = load_checkout_module("visualization.py", "stellar_visualization")
-    denormalize, spatial_map_overlays = _visualization.denormalize, _visualization.spatial_map_overlays
-    to_rgb_image = load_checkout_module("image_processing_stellar.py", "stellar_image_processing").to_rgb_image
+    spatial_map_overlays = _visualization.spatial_map_overlays
+    _image_processing = load_checkout_module("image_processing_stellar.py", "stellar_image_processing")
+    to_rgb_image, unnormalize_images = _image_processing.to_rgb_image, _image_processing.unnormalize_images
     resolve_device = load_checkout_module("devices.py", "stellar_devices").resolve_device
 
 try:
@@ -148,7 +149,7 @@ def display_images(pixel_values: torch.Tensor, processor) -> torch.Tensor:
     """The processed batch back on the [0, 1] scale, with the statistics this processor used."""
     images = pixel_values.float()
     if getattr(processor, "do_normalize", False):
-        images = denormalize(images, processor.image_mean, processor.image_std)
+        images = unnormalize_images(images.float(), processor.image_mean, processor.image_std).clamp(0, 1)
     if not getattr(processor, "do_rescale", True):
         images = images / 255.0
     return images.clamp(0.0, 1.0)

@@ -33,7 +33,9 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
-from .image_processing_stellar import evaluation_resize, to_rgb_image
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from .image_processing_stellar import evaluation_resize, normalize_images, to_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +61,9 @@ __all__ = [
     "to_rgb",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+# transformers' constants, the one source of the ImageNet statistics.
+IMAGENET_MEAN = tuple(IMAGENET_DEFAULT_MEAN)
+IMAGENET_STD = tuple(IMAGENET_DEFAULT_STD)
 
 # --------------------------------------------------------------------------------------------
 # 1. Synthetic scenes
@@ -444,13 +447,11 @@ def normalize(
     """ImageNet-normalise images on the [0, 1] scale, as the model expects its `pixel_values`.
 
     Args:
-        images: (..., 3, H, W) float tensor in [0, 1] (any leading dimensions: views, batch).
+        images: (..., 3, H, W) float tensor in [0, 1] (any leading dimensions: views, batch), or uint8 in 0-255.
     Returns:
-        Tensor of the same shape and dtype, ``(images - mean) / std`` per channel.
+        Tensor of the same shape, ``(images - mean) / std`` per channel (`normalize_images`, the one helper).
     """
-    mean_t = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=images.dtype, device=images.device).view(3, 1, 1)
-    return (images - mean_t) / std_t
+    return normalize_images(images, mean, std)
 
 
 def to_rgb(image: Any) -> Image.Image:

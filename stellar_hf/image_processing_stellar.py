@@ -15,6 +15,9 @@ own `XImageProcessor` names.
 `to_rgb_image` is the one rule by which every STELLAR path (training data, both processors, the examples) reads a PIL
 image of any mode as 8-bit RGB. It lives here, not in `stellar_hf.data`, because this file is copied to the Hub as
 remote code and must load on its own.
+
+`normalize_images` / `unnormalize_images` are the one place where pixel statistics are applied or undone (training
+views, reconstruction targets, figures), for the same reason.
 """
 
 import base64
@@ -106,6 +109,40 @@ def open_image(source: str) -> Image.Image:
                 f"Incorrect image source: not an http(s) URL, an existing file or base64 image data: {source[:100]}"
             ) from error
     return ImageOps.exif_transpose(image)
+
+
+def _channel_statistics(images, mean, std):
+    """`mean`, `std` as `(C, 1, 1)` tensors on `images`' device and dtype, checked to have one value per channel."""
+    import torch
+
+    dtype = images.dtype if images.is_floating_point() else torch.float32
+    mean = torch.as_tensor(mean, dtype=dtype, device=images.device).reshape(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=dtype, device=images.device).reshape(-1, 1, 1)
+    channels = images.shape[-3] if images.ndim >= 3 else None
+    if mean.shape[0] != channels or std.shape[0] != channels:
+        raise ValueError(
+            f"mean and std need one value per channel ({channels}), got {mean.shape[0]} and {std.shape[0]} for "
+            f"images of shape {tuple(images.shape)}"
+        )
+    return mean, std
+
+
+def normalize_images(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """
+    Images on the [0, 1] scale -> the models' `pixel_values`: `(..., C, H, W)` -> the same shape, `(x - mean) / std`
+    per channel (any leading dimensions: views, batch). A uint8 tensor is read as 0-255 and comes back float32.
+    """
+    if not images.is_floating_point():
+        images = images.float().div_(255.0)
+    mean, std = _channel_statistics(images, mean, std)
+    return (images - mean) / std
+
+
+def unnormalize_images(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+    """The inverse of `normalize_images`: `(..., C, H, W)` `pixel_values` -> the same shape on the [0, 1] scale
+    (not clamped; the reconstruction target keeps bicubic overshoot as the original does)."""
+    mean, std = _channel_statistics(images, mean, std)
+    return images * std + mean
 
 
 def evaluation_resize(crop_size: int) -> int:
@@ -246,6 +283,8 @@ __all__ = [
     "StellarImageProcessor",
     "StellarImageProcessorPil",
     "evaluation_resize",
+    "normalize_images",
     "open_image",
     "to_rgb_image",
+    "unnormalize_images",
 ]

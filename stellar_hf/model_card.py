@@ -37,6 +37,7 @@ import yaml
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub.repocard_data import eval_results_to_model_index
 from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configuration_stellar import StellarConfig
 
@@ -50,8 +51,6 @@ _OPTIONAL_RESULT_KEYS = {
     "split", "name", "task_name", "dataset_name", "dataset_config", "source_name", "source_url", "verified",
 }  # fmt: skip
 _BACKBONE_NAMES = {384: "ViT-S", 768: "ViT-B", 1024: "ViT-L", 1280: "ViT-H"}
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _UNSET: Any = object()
 
 _PAPER = {"source_name": "STELLAR paper (Zhao et al., 2026), original implementation", "source_url": "https://arxiv.org/abs/2602.01905"}  # fmt: skip
@@ -530,7 +529,7 @@ def _preprocessing_facts(image_processor) -> dict[str, Any]:
     facts["rescale"] = bool(getattr(image_processor, "do_rescale", False))
     if getattr(image_processor, "do_normalize", False):
         mean, std = tuple(image_processor.image_mean), tuple(image_processor.image_std)
-        imagenet = all(abs(a - b) < 1e-6 for a, b in zip(mean + std, _IMAGENET_MEAN + _IMAGENET_STD))
+        imagenet = all(abs(a - b) < 1e-6 for a, b in zip(mean + std, tuple(IMAGENET_DEFAULT_MEAN) + tuple(IMAGENET_DEFAULT_STD)))
         facts["normalize"] = (
             f"normalise with the {'ImageNet ' if imagenet else ''}mean {_numbers(mean)} and std {_numbers(std)}"
         )

@@ -37,6 +37,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_stellar import StellarConfig
+from .image_processing_stellar import unnormalize_images
 from .losses_stellar import (
     clustering_cross_entropy,
     clustering_targets,
@@ -342,9 +343,7 @@ def grid_size_of(pixel_values: torch.Tensor, patch_size: int) -> tuple[int, int]
 
 def unnormalize(pixel_values: torch.Tensor, config: StellarConfig) -> torch.Tensor:
     """Undo the image processor's normalisation: `(B, C, H, W)` normalised -> `(B, C, H, W)` on the [0, 1] scale."""
-    mean = torch.tensor(config.image_mean, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(config.image_std, device=pixel_values.device, dtype=pixel_values.dtype).view(1, -1, 1, 1)
-    return pixel_values * std + mean
+    return unnormalize_images(pixel_values, config.image_mean, config.image_std)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -92,22 +92,23 @@ _TEXT = (0, 0, 0)
 def denormalize(pixel_values: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """
     Undo an image processor's normalisation for display: `(..., C, H, W)` normalised -> the same shape in [0, 1]
-    (float32, clamped).
+    (float32, clamped), with the statistics the processor actually used (`processor.image_mean`,
+    `processor.image_std`), which need not be the config's.
 
-    `stellar_hf.modeling_stellar.unnormalize` does the same with a model config's statistics and without clamping;
-    this takes the statistics the processor actually used (`processor.image_mean`, `processor.image_std`), which
-    need not be the config's, and needs no `stellar_hf` import.
+    Deprecated: `unnormalize_images(pixel_values, mean, std).clamp(0, 1)` from
+    `stellar_hf.image_processing_stellar`, the one normalisation helper, does the same.
     """
-    pixel_values = pixel_values.detach().float()
-    shape = (-1,) + (1,) * 2
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=pixel_values.device).view(shape)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=pixel_values.device).view(shape)
-    if mean_t.numel() != pixel_values.shape[-3] or std_t.numel() != pixel_values.shape[-3]:
-        raise ValueError(
-            f"mean and std need one value per channel ({pixel_values.shape[-3]}), got {mean_t.numel()} and "
-            f"{std_t.numel()}"
-        )
-    return (pixel_values * std_t + mean_t).clamp(0.0, 1.0)
+    import warnings
+
+    warnings.warn(
+        "stellar_hf.visualization.denormalize is deprecated: use "
+        "stellar_hf.image_processing_stellar.unnormalize_images(pixel_values, mean, std).clamp(0, 1)",
+        FutureWarning,
+        stacklevel=2,
+    )
+    from stellar_hf.image_processing_stellar import unnormalize_images
+
+    return unnormalize_images(pixel_values.detach().float(), mean, std).clamp(0.0, 1.0)
 
 
 def to_pil_image(image) -> Image.Image:

@@ -16,7 +16,8 @@ from stellar_tester import TINY_CONFIG
 from transformers import AutoImageProcessor
 
 from stellar_hf import StellarConfig, StellarImageProcessor, StellarModel
-from stellar_hf.visualization import denormalize, spatial_map_overlays
+from stellar_hf.image_processing_stellar import unnormalize_images
+from stellar_hf.visualization import spatial_map_overlays
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "examples" / "extract_features.py"
@@ -103,7 +104,7 @@ def test_end_to_end_subprocess(workspace):
     assert [path.name for path in overlays] == ["astronaut.png", "coffee.png", "gray.png"]
     assert [entry["overlay"] for entry in index["images"]] == ["astronaut.png", "coffee.png", "gray.png"]
 
-    images = denormalize(pixel_values, processor.image_mean, processor.image_std)
+    images = unnormalize_images(pixel_values, processor.image_mean, processor.image_std).clamp(0, 1)
     for i, path in enumerate(paths):
         with Image.open(output_dir / f"{path.stem}.png") as png:
             expected = spatial_map_overlays(images[i], outputs.spatial_map[i], (4, 4))

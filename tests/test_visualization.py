@@ -170,14 +170,25 @@ def test_reconstruction_grid_clamps_and_lays_out():
         reconstruction_grid(originals, reconstructions[:2])
 
 
-def test_denormalize_and_helpers():
+def test_normalisation_helper_round_trip_and_deprecated_denormalize():
+    from stellar_hf.data import normalize
+    from stellar_hf.image_processing_stellar import normalize_images, unnormalize_images
+
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    images = torch.rand(2, 3, 8, 8)
-    normalized = (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    torch.testing.assert_close(denormalize(normalized, mean, std), images, atol=1e-6, rtol=0)
-    assert denormalize(normalized * 10, mean, std).min() >= 0 and denormalize(normalized * 10, mean, std).max() <= 1
-    with pytest.raises(ValueError, match="one value per channel"):
+    images = torch.rand(2, 5, 3, 8, 8)  # any leading dimensions: batch and views
+    normalized = (images - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    torch.testing.assert_close(normalize_images(images, mean, std), normalized)
+    torch.testing.assert_close(normalize(images), normalized)  # the data module's name, ImageNet by default
+    torch.testing.assert_close(unnormalize_images(normalized, mean, std), images, atol=1e-6, rtol=0)
+    as_bytes = (images * 255).round().to(torch.uint8)
+    torch.testing.assert_close(normalize_images(as_bytes, mean, std), normalize_images(as_bytes.float() / 255, mean, std))
+    with pytest.warns(FutureWarning, match="unnormalize_images"):
+        shown = denormalize(normalized * 10, mean, std)
+    assert shown.min() >= 0 and shown.max() <= 1
+    with pytest.raises(ValueError, match="one value per channel"), pytest.warns(FutureWarning):
         denormalize(normalized, mean[:2], std[:2])
+    with pytest.raises(ValueError, match="one value per channel"):
+        normalize_images(images, mean[:2], std[:2])
     colors = token_colors(200)
     assert len({tuple(c) for c in colors.tolist()}) == 200
     ramp = apply_colormap(np.linspace(-1, 2, 50), "inferno")
