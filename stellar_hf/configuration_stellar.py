@@ -489,6 +489,11 @@ class StellarConfig(PreTrainedConfig):
             Starting momentum of the EMA teacher.
         ema_momentum_end (`float`, *optional*, defaults to 0.996):
             Final momentum (cosine schedule from `ema_momentum`).
+        do_global_align (`bool`, *optional*, defaults to `False`):
+            Second-view global alignment (spec section 4.1, upstream `do_global_align`): the second global view of
+            each image is also encoded in full, and the sparse and CLS clustering losses become the average of the two
+            cross-view terms between it and the main image. Needs the student's own targets (`use_ema_teacher=False`)
+            and a second global view (`num_masked_views >= 2`).
 
     Validation: every field is declared with its rule (`STELLAR_FIELD_RULES` lists them: type, finiteness, range; a
     `bool` field refuses the string `"false"`, a float field refuses NaN and infinities) and is checked whenever it is
@@ -570,6 +575,7 @@ class StellarConfig(PreTrainedConfig):
     use_ema_teacher: bool = validated_field(BOOLEAN, default=False)
     ema_momentum: float = validated_field(PROBABILITY, default=0.996)
     ema_momentum_end: float = validated_field(PROBABILITY, default=0.996)
+    do_global_align: bool = validated_field(BOOLEAN, default=False)
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -605,6 +611,23 @@ class StellarConfig(PreTrainedConfig):
             raise ValueError(
                 "StellarConfig.decoder_hidden_size must be even: the Fourier position encoding pairs sin and cos, "
                 f"got {self.decoder_hidden_size}"
+            )
+
+    def validate_global_alignment(self) -> None:
+        """Second-view global alignment replaces the EMA teacher's targets and reads global view 1."""
+        if not self.do_global_align:
+            return
+        if self.use_ema_teacher:
+            raise ValueError(
+                "StellarConfig.do_global_align=True cannot be combined with use_ema_teacher=True: the alignment makes "
+                "the targets from the student's own two views (upstream uses it only without the momentum teacher); "
+                "turn one of them off"
+            )
+        if self.num_masked_views < 2:
+            raise ValueError(
+                "StellarConfig.do_global_align=True needs a second global view (global view 1), so num_masked_views "
+                f"must be at least 2 (the data pipeline makes max(num_masked_views, 1) global views), got "
+                f"{self.num_masked_views}"
             )
 
     def validate_patch_grid(self) -> None:

@@ -41,9 +41,11 @@ from .image_processing_stellar import unnormalize_images
 from .losses_stellar import (
     clustering_cross_entropy,
     clustering_targets,
+    gather_matched_targets,
     kept_patch_indices,
     koleo_loss,
     masking_noise,
+    match_tokens,
     matched_clustering_loss,
 )
 
@@ -126,13 +128,14 @@ class StellarForPreTrainingOutput(ModelOutput):
             clustering_loss + cls_clustering_loss + mask_loss + cls_loss`.
         reconstruction_loss (`()`): unweighted MSE (pixel) or cross-entropy (VQ).
         koleo_loss (`()`): weighted KoLeo on the main image's and the masked views' sparse tokens.
-        clustering_loss, cls_clustering_loss (`()`): online clustering of the main image's sparse / CLS tokens.
+        clustering_loss, cls_clustering_loss (`()`): online clustering of the main image's sparse / CLS tokens (with
+            `config.do_global_align`, the mean of the two cross-view terms between it and its second global view).
         mask_loss (`()`): masked-view sparse tokens predicting their matched targets (0 without global views).
         cls_loss (`()`): masked-view and local-view CLS predicting the CLS targets (0 without views).
         reconstruction (`(B, C, H, W)`, *optional*): pixel target: the raw reconstruction on the [0, 1] scale.
         logits (`(B, N, V)`, *optional*): VQ target: per-patch code logits.
         sparse_tokens (`(B, r, d)`), spatial_map (`(B, N, r)`), cls_embedding (`(B, d)`): of the main image.
-        assignments (`(B, r, C)`): the Sinkhorn-Knopp targets of the sparse tokens.
+        assignments (`(B, r, C)`): the Sinkhorn-Knopp targets of the main image's sparse tokens.
     """
 
     loss: torch.FloatTensor | None = None
@@ -1338,7 +1341,9 @@ class StellarForPreTraining(StellarDecodingModel):
 
     The targets come from the model itself (the paper's recipe), or, with `config.use_ema_teacher`, from an EMA
     teacher that the training loop owns and passes in as `teacher_targets` (`stellar_hf.pretraining`, as DINOv2
-    keeps its teacher in the training side, not in the backbone).
+    keeps its teacher in the training side, not in the backbone). With `config.do_global_align` (spec section 4.1,
+    off by default) the second global view of each image is also encoded, and the clustering losses of steps 2-3
+    become the average of the two cross-view terms ([`global_alignment_losses`]).
     """
 
     # The EMA teacher's `teacher.*` tensors in a folder are training state: `StellarEMATeacher.from_pretrained`
@@ -1377,11 +1382,17 @@ class StellarForPreTraining(StellarDecodingModel):
             labels (`(B, N)`, *optional*): VQ target only: the VQGAN codes of the main images, as in
                 [`StellarForImageReconstruction`].
             teacher_targets ([`StellarPreTrainingTargets`], *optional*): targets made by an EMA teacher (required
-                when `config.use_ema_teacher`); the model's own targets otherwise.
+                when `config.use_ema_teacher`); the model's own targets otherwise. Refused with
+                `config.do_global_align`, whose targets come from the main image and its second global view.
         """
         labels = take_deprecated_vq_arguments(self, labels, kwargs)
         if self.config.use_ema_teacher and teacher_targets is None:
             raise ValueError(f"config.use_ema_teacher=True but no teacher_targets were passed; {_TEACHER_MOVED}")
+        if self.config.do_global_align and teacher_targets is not None:
+            raise ValueError(
+                "config.do_global_align=True makes its targets from the main image and its second global view; "
+                "teacher_targets cannot be used with it (spec section 4.1: only without the EMA teacher)"
+            )
         config = self.config
         masked_views, local_crops = self.views_to_encode(pixel_values, global_views, local_views)
         image = self.stellar(pixel_values, check_values=False, return_dict=True)  # checked with the views above
@@ -1397,8 +1408,13 @@ class StellarForPreTraining(StellarDecodingModel):
             )
         koleo = config.koleo_weight * koleo_loss(image.sparse_tokens)
 
-        # 2-3. Online clustering of the main image's sparse and CLS tokens, against its own or a teacher's targets.
-        targets, clustering_loss, cls_clustering_loss = self.image_clustering_losses(image, teacher_targets)
+        # 2-3. Online clustering of the main image's sparse and CLS tokens, against its own or a teacher's targets;
+        # with second-view global alignment, across the main image and its second global view.
+        if config.do_global_align:
+            second_view = self.encode_second_view(self.second_global_view(global_views))
+            targets, clustering_loss, cls_clustering_loss = self.global_alignment_losses(image, second_view)
+        else:
+            targets, clustering_loss, cls_clustering_loss = self.image_clustering_losses(image, teacher_targets)
 
         # 4. Masked global views: their sparse tokens predict the targets of the tokens they are matched to.
         mask_loss, masked_cls = zero, None
@@ -1541,6 +1557,92 @@ class StellarForPreTraining(StellarDecodingModel):
         if cls_logits is not None:
             cls_clustering_loss = clustering_cross_entropy(cls_logits, targets.cls_assignments, temperature)
         return targets, clustering_loss, cls_clustering_loss
+
+    def second_global_view(self, global_views: torch.Tensor | None) -> torch.Tensor:
+        """
+        The second global view y of each image for [`global_alignment_losses`]: global view 1 of `global_views`
+        `(B, M, C, H, W)` (colour-augmented, as the masked views see it), `(B, C, H, W)`. `ValueError` when there is
+        none. Its shape and values were checked with the masked views (it is one of them when
+        `config.num_masked_views >= 2`, which the config asks for); otherwise they are checked here.
+        """
+        if global_views is None or global_views.shape[1] < 2:
+            found = "no global_views" if global_views is None else f"global_views of shape {tuple(global_views.shape)}"
+            raise ValueError(
+                "config.do_global_align=True needs a second global view of each image (global view 1): pass "
+                f"global_views with at least 2 views per image, got {found}"
+            )
+        second_view = global_views[:, 1]
+        if self.num_masked_views_in(global_views) < 2:
+            check_pixel_values(second_view, self.config.num_channels, self.config.patch_size, name="global_views[:, 1]")
+        return second_view
+
+    def encode_second_view(self, view: torch.Tensor) -> StellarModelOutput:
+        """
+        The second global view `(B, C, H, W)` encoded in full (all patches kept): its CLS `(B, d)` as
+        `cls_embedding` and its sparse tokens `(B, r, d)` as `sparse_tokens`, the only rows of the last layer computed
+        (nothing else of this view is used).
+        """
+        config = self.config
+        num_patches = math.prod(grid_size_of(view, config.patch_size))
+        length = config.num_prefix_tokens + num_patches + config.num_sparse_tokens
+        rows = torch.cat(
+            (
+                torch.zeros(1, dtype=torch.long, device=view.device),
+                torch.arange(length - config.num_sparse_tokens, length, device=view.device),
+            )
+        )
+        sequence = encode_view_rows(self.stellar, view, rows)
+        return StellarModelOutput(cls_embedding=sequence[:, 0], sparse_tokens=sequence[:, 1:])
+
+    def global_alignment_losses(
+        self, image: StellarModelOutput, second_view: StellarModelOutput
+    ) -> tuple[StellarPreTrainingTargets, torch.Tensor, torch.Tensor]:
+        """
+        Second-view global alignment (spec section 4.1, upstream `do_global_align`): steps 2-3 across the main
+        images x and their second global views y, in place of [`image_clustering_losses`].
+
+        Each view's sparse tokens `(B, r, d)` go through the sparse head, logits z_x and z_y `(B, r, C)`, and get
+        their own Sinkhorn-Knopp targets Q_x and Q_y (each over every token of the global batch). The matcher pairs
+        y's tokens (predictions) with x's detached tokens (targets): `idx[b, j]` is the token of x matched to token
+        j of y. Then
+
+            clustering_loss = (CE(z_x, Q_y gathered by idx) + CE(z_y, Q_x gathered by idx)) / 2,
+
+        where "Q gathered by idx" has row j equal to `Q[b, idx[b, j]]`. The first term uses that same y -> x index
+        to gather Q_y for the rows of x, as upstream does: it is a true re-pairing only when the match is an
+        involution, and is kept as written. The CLS loss, without matching, is
+        `(CE(cls_z_x, cls_Q_y) + CE(cls_z_y, cls_Q_x)) / 2` (0 without CLS clustering).
+
+        Returns:
+            x's own targets (its detached sparse tokens, Q_x and cls_Q_x), which the masked and local views keep
+            predicting, the sparse-token loss and the CLS loss.
+        """
+        config = self.config
+        temperature = config.prediction_temperature
+        heads = [self.sparse_clustering_head(view.sparse_tokens) for view in (image, second_view)]
+        cls_heads = [None, None]
+        if self.cls_clustering_head is not None:
+            cls_heads = [self.cls_clustering_head(view.cls_embedding.unsqueeze(1)) for view in (image, second_view)]
+        (logits_x, logits_y), (cls_logits_x, cls_logits_y) = heads, cls_heads
+        targets_x = self.self_distillation_targets(image.sparse_tokens, logits_x, cls_logits_x)
+        targets_y = self.self_distillation_targets(second_view.sparse_tokens, logits_y, cls_logits_y)
+        index, _ = match_tokens(
+            second_view.sparse_tokens,
+            targets_x.tokens,
+            epsilon=config.matcher_epsilon,
+            num_iterations=config.matcher_iterations,
+        )  # (B, r): the token of x matched to each token of y
+        clustering_loss = (
+            clustering_cross_entropy(logits_x, gather_matched_targets(targets_y.assignments, index), temperature)
+            + clustering_cross_entropy(logits_y, gather_matched_targets(targets_x.assignments, index), temperature)
+        ) / 2
+        cls_clustering_loss = logits_x.new_zeros((), dtype=torch.float32)
+        if cls_logits_x is not None:
+            cls_clustering_loss = (
+                clustering_cross_entropy(cls_logits_x, targets_y.cls_assignments, temperature)
+                + clustering_cross_entropy(cls_logits_y, targets_x.cls_assignments, temperature)
+            ) / 2
+        return targets_x, clustering_loss, cls_clustering_loss
 
     def matched_clustering_loss(
         self,
