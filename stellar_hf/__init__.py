@@ -2,6 +2,9 @@
 
 Importing the package registers the STELLAR and MaskGIT VQGAN classes with the transformers Auto classes.
 Conversion scripts, data, evaluation and visualisation helpers are separate modules, imported on demand.
+`list_released_models` and `load_released_model` (the released checkpoints, downloaded and converted in one call) are
+imported from `stellar_hf.released` the first time they are used, and that module imports the converter only when a
+file has to be converted.
 
 Image processors follow transformers 5.24's naming: `StellarImageProcessor` (torchvision) and
 `StellarImageProcessorPil` (PIL). `StellarImageProcessorFast`, the torchvision class's name before, still imports,
@@ -77,12 +80,22 @@ __all__ = [
     "StellarModelOutput",
     "StellarPreTrainedModel",
     "StellarReconstructionOutput",
+    "list_released_models",
+    "load_released_model",
 ]
+
+# Names served by a module imported on first use (`__getattr__`).
+_LAZY_NAMES = {"list_released_models": "released", "load_released_model": "released"}
 
 
 def __getattr__(name: str):
-    """Names kept for compatibility: `StellarImageProcessorFast` (deprecated), `StellarImageProcessor` without
+    """`list_released_models` and `load_released_model` (from `stellar_hf.released`, imported on first use), and the
+    names kept for compatibility: `StellarImageProcessorFast` (deprecated), `StellarImageProcessor` without
     torchvision. See `image_processing_stellar.compatible_class`."""
+    if name in _LAZY_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
     compatible = compatible_class(name, stacklevel=2)
     if compatible is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

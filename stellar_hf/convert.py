@@ -42,12 +42,14 @@ __all__ = [
     "NOT_GIVEN",
     "CheckpointError",
     "MissingSettingError",
+    "PushToHubError",
     "convert_checkpoint",
     "convert_state_dict",
     "infer_config",
     "load_original_state_dict",
     "main",
     "model_outputs",
+    "push_folder_to_hub",
     "read_checkpoint",
     "read_state_dict",
     "released_num_attention_heads",
@@ -1063,11 +1065,21 @@ def convert_checkpoint(
     num_attention_heads: int | None = None,
     decoder_num_attention_heads: int | None = None,
     spatial_temperature: float | None | _NotGiven = NOT_GIVEN,
-    push_to_hub: str | None = None,
+    push_to_hub: str | bool | None = None,
     layer_norm_eps: float | None = None,
+    *,
+    private: bool | None = None,
+    release: str | None = None,
+    model_id: str | None = None,
 ) -> StellarPreTrainedModel:
     """
     Convert `checkpoint_path` into a `save_pretrained` folder at `output_dir` and return the converted model.
+
+    `release` names the released model the file is (`stellar_hf.released.RELEASED_MODELS`, e.g. `"stellar-b16"`): the
+    model card then states ImageNet-1k as training data and the paper's numbers for it. `model_id` is what the card's
+    snippets load (default: the Hub id pushed to, else the folder's name). `push_to_hub` (a repository id, or `True`
+    for the folder's name under your account) uploads the folder with its card once it passed its checks, through
+    `push_folder_to_hub` (`private` makes a new repository private; the token is `HF_TOKEN` or `hf auth login`'s).
 
     The folder holds the weights (safetensors), the config, the image processor, the model code (remote code) and a
     README model card; it is reloaded and its weights and outputs compared with the in-memory converted model before
@@ -1150,7 +1162,8 @@ def convert_checkpoint(
     else:
         ema_teacher.save_pretrained(output_dir, model)
     StellarImageProcessor.from_model_config(config).save_pretrained(output_dir)
-    write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=push_to_hub)
+    card_id = model_id or (push_to_hub if isinstance(push_to_hub, str) else None)
+    write_model_card(output_dir, config, source=Path(checkpoint_path).name, model_id=card_id, release=release)
 
     # transformers can leave parameters at their initial values without complaint: compare values, then outputs.
     reloaded = model_class.from_pretrained(output_dir).eval()
@@ -1183,13 +1196,61 @@ def convert_checkpoint(
         difference,
     )
     if push_to_hub:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(push_to_hub, exist_ok=True)
-        api.upload_folder(repo_id=push_to_hub, folder_path=str(output_dir), commit_message="Convert STELLAR checkpoint")
-        logger.info("uploaded %s to https://huggingface.co/%s", output_dir, push_to_hub)
+        push_folder_to_hub(
+            output_dir,
+            config,
+            source=Path(checkpoint_path).name,
+            repo_id=push_to_hub if isinstance(push_to_hub, str) else None,
+            private=private,
+            release=release,
+        )
     return model
+
+
+class PushToHubError(RuntimeError):
+    """The folder was converted and saved, but uploading it failed; the message says where it is and why."""
+
+
+def push_folder_to_hub(
+    output_dir: str | Path,
+    config: StellarConfig,
+    source: str,
+    repo_id: str | None = None,
+    private: bool | None = None,
+    release: str | None = None,
+) -> str:
+    """
+    Upload a converted folder to the Hub with its model card; returns the repository id.
+
+    The repository (`repo_id`, default: the folder's name under your account) is created if needed (`private` for a
+    new one). The card is rendered again for the full repository id the Hub returns, so that its snippets load the
+    published copy, then the folder is uploaded in one commit. The token is the environment's (`HF_TOKEN`) or the
+    one `hf auth login` stored; it is never a command-line option.
+
+    Raises:
+        PushToHubError: creating the repository or uploading failed (not logged in, no rights, no network).
+    """
+    from huggingface_hub import HfApi
+
+    output_dir = Path(output_dir)
+    repo_id = repo_id or output_dir.resolve().name
+    api = HfApi()
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        write_model_card(output_dir, config, source=source, model_id=repo_id, release=release)
+        api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(output_dir),
+            commit_message=f"Add STELLAR converted from {source} (stellar_hf.convert)",
+        )
+    except Exception as error:  # huggingface_hub raises HTTP, token and network errors of several types
+        raise PushToHubError(
+            f"converted and saved to {output_dir}, but uploading it to {repo_id} failed "
+            f"({type(error).__name__}: {error}). Log in with `hf auth login` (or set HF_TOKEN) with write access, "
+            "then upload the folder again with `hf upload`"
+        ) from error
+    logger.info("uploaded %s to https://huggingface.co/%s", output_dir, repo_id)
+    return repo_id
 
 
 # The MAE weights the original recipe starts from, by (width, patch size).
@@ -1200,15 +1261,33 @@ MAE_BACKBONES = {
 }
 
 
-def write_model_card(output_dir: Path, config: StellarConfig, source: str, model_id: str | None = None) -> None:
-    """Write the model card (`stellar_hf.model_card`) to `output_dir/README.md`."""
-    from .model_card import render_model_card
+def write_model_card(
+    output_dir: Path, config: StellarConfig, source: str, model_id: str | None = None, release: str | None = None
+) -> None:
+    """
+    Write the model card (`stellar_hf.model_card`) to `output_dir/README.md`. For a `release` (a released model's
+    name) the card also names ImageNet-1k as the training data and gives the paper's numbers when it reports some.
+    """
+    from .model_card import IMAGENET_1K, PAPER_RESULTS, render_model_card
 
+    details = f"Converted from the original checkpoint `{source}` with `python -m stellar_hf.convert`."
+    datasets, results = None, None
+    if release is not None:
+        from .released import released_model
+
+        released = released_model(release)
+        details = (
+            f"Converted from `{released.filename}`, the original authors' release `{released.name}` in "
+            f"[{released.repo_id}](https://huggingface.co/{released.repo_id}), with `python -m stellar_hf.convert`."
+        )
+        datasets, results = [IMAGENET_1K], PAPER_RESULTS.get(released.name)
     text = render_model_card(
         config,
-        training_details=f"Converted from the original checkpoint `{source}` with `python -m stellar_hf.convert`.",
+        training_details=details,
         model_id=model_id or Path(output_dir).resolve().name,
         base_model=MAE_BACKBONES.get((config.hidden_size, config.patch_size)),
+        datasets=datasets,
+        results=results,
     )
     (Path(output_dir) / "README.md").write_text(text, encoding="utf-8")
 
@@ -1283,7 +1362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "these options, else the checkpoint's hyper-parameters, else the released models' values, and the command "
         "fails naming the option when none applies. Exit codes: 0 converted, 1 conversion error, 2 usage error.",
     )
-    parser.add_argument("--checkpoint", required=True, help="original .ckpt, .safetensors or .bin file")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        help="original .ckpt, .safetensors or .bin file, or a released model's name (stellar-b16, stellar-l16, "
+        "stellar-h16, stellar-b8, stellar-b24), downloaded from microsoft/STELLAR through the Hugging Face cache",
+    )
     parser.add_argument("--output_dir", required=True, help="folder to write the converted model to")
     parser.add_argument(
         "--num_attention_heads",
@@ -1315,9 +1399,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "original's ViTs use; e.g. 1e-6 for a timm backbone)",
     )
     parser.add_argument(
-        "--push_to_hub", default=None, metavar="REPO_ID", help="also upload the folder to this Hub repo"
+        "--revision", default=None, help="with a released name: the branch, tag or commit of microsoft/STELLAR"
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--release",
+        default=None,
+        metavar="NAME",
+        help="the checkpoint file is this released model (implied by a released name as --checkpoint): the model "
+        "card names ImageNet-1k and the paper's numbers for it",
+    )
+    parser.add_argument(
+        "--push_to_hub",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="REPO_ID",
+        help="also upload the checked folder with its model card to the Hub: to REPO_ID, else --hub_model_id, else "
+        "the output folder's name under your account. The token is HF_TOKEN or the one `hf auth login` stored",
+    )
+    parser.add_argument("--hub_model_id", default=None, help="the repository for --push_to_hub (namespace/name)")
+    parser.add_argument(
+        "--private", action="store_true", help="with --push_to_hub: create the repository as private"
+    )
+    args = parser.parse_args(argv)
+    if (args.hub_model_id or args.private) and not args.push_to_hub:
+        parser.error("--hub_model_id and --private need --push_to_hub")
+    if isinstance(args.push_to_hub, str) and args.hub_model_id and args.push_to_hub != args.hub_model_id:
+        parser.error(f"--push_to_hub {args.push_to_hub} and --hub_model_id {args.hub_model_id} disagree")
+    if args.hub_model_id:
+        args.push_to_hub = args.hub_model_id
+    if args.release is not None:
+        from .released import RELEASED_MODELS
+
+        if args.release not in RELEASED_MODELS:
+            parser.error(f"--release {args.release!r} is not a released model ({', '.join(RELEASED_MODELS)})")
+    return args
+
+
+def _checkpoint_file(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The file to convert and the release it is: `--checkpoint` as given, or a released name's cached download."""
+    from .released import RELEASED_MODELS, download_released_file
+
+    name = args.checkpoint.strip().lower()
+    if Path(args.checkpoint).exists() or name not in RELEASED_MODELS:
+        if args.revision is not None:
+            raise CheckpointError(f"--revision applies to a released name, not to the file {args.checkpoint}")
+        return args.checkpoint, args.release
+    if args.release is not None and args.release != name:
+        raise CheckpointError(f"--checkpoint {name} and --release {args.release} disagree")
+    return str(download_released_file(name, revision=args.revision)), name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1325,16 +1455,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        checkpoint, release = _checkpoint_file(args)
         model = convert_checkpoint(
-            args.checkpoint,
+            checkpoint,
             args.output_dir,
             num_attention_heads=args.num_attention_heads,
             decoder_num_attention_heads=args.decoder_num_attention_heads,
             spatial_temperature=args.spatial_temperature,
             push_to_hub=args.push_to_hub,
             layer_norm_eps=args.layer_norm_eps,
+            private=args.private or None,
+            release=release,
         )
-    except (CheckpointError, RuntimeError) as error:  # unreadable or foreign file, unknown setting, failed reload
+    # An unreadable or foreign file, an unknown setting, a failed reload or upload, a download refused or offline.
+    except (CheckpointError, RuntimeError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(describe(model.config, type(model)))
