@@ -927,6 +927,14 @@ def resolve_config(
         found = find_hyper_parameter(hyper_parameters, name)
         if found is not None and _is_false(found[1]):
             kwargs[field_name], sources[field_name] = off, f"hyper-parameter {found[0]}={found[1]!r}"
+    found = find_hyper_parameter(hyper_parameters, "do_global_align")
+    if found is not None and _is_true(found[1]):
+        # Upstream ignores the alignment when its EMA teacher is on; our config refuses that pair, so it stays off.
+        teacher = find_hyper_parameter(hyper_parameters, TEACHER_FLAG)
+        if kwargs.get("use_ema_teacher") or (teacher is not None and _is_true(teacher[1])):
+            sources["do_global_align"] = f"off: hyper-parameter {found[0]}=True is ignored with the EMA teacher"
+        else:
+            kwargs["do_global_align"], sources["do_global_align"] = True, f"hyper-parameter {found[0]}={found[1]!r}"
     try:
         config = StellarConfig(**kwargs)
     except ValueError as error:

@@ -792,6 +792,20 @@ def test_settings_from_hyper_parameters():
     assert (config.num_masked_views, config.mask_ratio, config.num_local_views) == (4, 0.6, 2)
     assert (config.ema_momentum, config.ema_momentum_end, config.koleo_weight) == (0.99, 0.99, 0.0)
 
+    assert not config.do_global_align
+
+    # Upstream's `do_global_align` carries over, except with its EMA teacher, which ignores it (and our config refuses).
+    def aligned(**model):
+        settings = {"hyper_parameters": {"model": {"num_masks": 2, **model}}}
+        return resolve_config(original, num_attention_heads=4, decoder_num_attention_heads=2, spatial_temperature=0.06,
+                              hyper_parameters=settings)  # fmt: skip
+
+    config, sources = aligned(do_global_align=True)
+    assert config.do_global_align and sources["do_global_align"].startswith("hyper-parameter")
+    config, sources = aligned(do_global_align=True, momentum_teacher=True)
+    assert not config.do_global_align and "ignored with the EMA teacher" in sources["do_global_align"]
+    assert not aligned(do_global_align=False)[0].do_global_align
+
     # Hyper-parameters the tensors determine must agree with them.
     contradicting = {"hyper_parameters": {"model": {"num_sparse_tokens": 16}}}
     with pytest.raises(CheckpointError, match=r"num_sparse_tokens=16 but its tensors give num_sparse_tokens=3"):
