@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Evaluate a frozen STELLAR model: kNN, linear probe, reconstruction and object discovery (spec section 5).
+"""Evaluate a frozen STELLAR model: kNN, linear probe, reconstruction, object discovery, segmentation (spec section 5).
 
     python examples/run_evaluation.py knn --model outputs/stellar-pretrain          # the Quick start's colour kNN figure
     python examples/run_evaluation.py linear-probe --model outputs/stellar-pretrain --label all
@@ -9,13 +9,21 @@
     python examples/run_evaluation.py reconstruction --model path/to/stellar --synthetic --train_decoder_steps 2000 \\
         --lpips_weights ~/weights/alexnet-owt-7be5be79.pth
     python examples/run_evaluation.py object-discovery --model path/to/stellar --num_images 500
+    python examples/run_evaluation.py segmentation --model outputs/stellar-pretrain --feature all   # synthetic scenes
+    python examples/run_evaluation.py segmentation --model path/to/stellar --dataset_name scene_parse_150 \\
+        --num_classes 150 --reduce_labels --device cuda
+    python examples/run_evaluation.py segmentation --model path/to/stellar --train_dir images/train \\
+        --train_label_dir labels/train --eval_dir images/val --eval_label_dir labels/val --num_classes 21
 
 Data: `--train_dir` / `--eval_dir` (image folders with one subfolder per class, the `datasets` imagefolder layout),
 `--dataset_name` (a Hub dataset, a local imagefolder, or a `save_to_disk` folder), or `--synthetic`, the built-in
 synthetic scenes (the default when no data is given; the only data with object masks, so the only data for
-`object-discovery`). Images are preprocessed by the image processor saved with the model when there is one, else
-resized and centre-cropped to `config.image_size` (`stellar_hf.data.EvalTransform`) and ImageNet-normalised;
-synthetic scenes are rendered at `config.image_size` and only normalised, so their masks stay aligned.
+`object-discovery`). `segmentation` reads image folders paired with label-PNG folders (`--train_label_dir`,
+`--eval_label_dir`), a dataset with an image and an annotation column (the `scene_parse_150` layout), or the
+synthetic scenes' object masks as class maps. Images are preprocessed by the image processor saved with the model
+when there is one, else by `StellarImageProcessor.from_model_config(config)` (shorter side to 256 / 224 of
+`config.image_size`, centre crop, the config's mean and std); synthetic scenes are rendered at `config.image_size`
+and only normalised (`stellar_hf.evaluation.probe_processor`), so their masks stay aligned.
 
 What `knn` and `linear-probe` predict is the *label*: for image folders the class subfolder (`class`), for a dataset
 its `--label_column_name` column, for the synthetic scenes `--label dominant_color` (the default: the Quick start's
@@ -50,7 +58,13 @@ except ModuleNotFoundError as error:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import stellar_hf  # noqa: F401
 
-SUBCOMMANDS = ("knn", "linear-probe", "reconstruction", "object-discovery")
+SUBCOMMANDS = (
+    "knn",
+    "linear-probe",
+    "reconstruction",
+    "object-discovery",
+    "segmentation",
+)
 CLASSIFICATION = ("knn", "linear-probe")
 # Synthetic scenes per split for reconstruction and object discovery (knn / linear-probe follow the probe recipe).
 DEFAULT_SYNTHETIC_IMAGES = 1000
@@ -105,6 +119,17 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--synthetic", action="store_true", help="the built-in synthetic scenes (default without data)")
 
 
+def add_random_init_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--random_init",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="also run the protocol on a randomly initialised encoder of the same config (seeded by --seed), the "
+        f"reference a trained figure is read against; auto: when both splits hold at most {RANDOM_INIT_AUTO_LIMIT} "
+        "images in all (it doubles the feature extraction)",
+    )
+
+
 def add_feature_argument(parser: argparse.ArgumentParser) -> None:
     from stellar_hf.evaluation import FEATURES
 
@@ -126,13 +151,84 @@ def add_label_arguments(parser: argparse.ArgumentParser) -> None:
         f"or both (default {DEFAULT_SYNTHETIC_LABEL}, the Quick start's headline figure). Image folders are labelled "
         "by their class subfolder, datasets by --label_column_name",
     )
+    add_random_init_argument(parser)
+
+
+def add_segmentation_arguments(parser: argparse.ArgumentParser) -> None:
+    from stellar_hf.segmentation import (
+        DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES,
+        SEGMENTATION_EPOCHS,
+        SEGMENTATION_FEATURES,
+        SEGMENTATION_LEARNING_RATE,
+        SEGMENTATION_WEIGHT_DECAY,
+        SYNTHETIC_SEGMENTATION_CLASSES,
+    )
+
     parser.add_argument(
-        "--random_init",
-        choices=("auto", "yes", "no"),
-        default="auto",
-        help="also run the protocol on a randomly initialised encoder of the same config (seeded by --seed), the "
-        f"reference a trained figure is read against; auto: when both splits hold at most {RANDOM_INIT_AUTO_LIMIT} "
-        "images in all (it doubles the feature extraction)",
+        "--feature",
+        choices=(*SEGMENTATION_FEATURES, "all"),
+        default="dense",
+        help="the frozen patch grid the probe reads: dense (the encoder's patch tokens, the paper's), lowrank (F = A S, "
+        "STELLAR's factorised grid), spatial_map (A alone, r channels), or all three from one feature extraction",
+    )
+    add_random_init_argument(parser)
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=SEGMENTATION_EPOCHS,
+        help="probe training epochs (upstream: 80)",
+    )
+    parser.add_argument(
+        "--learning_rate",
+        type=float,
+        default=SEGMENTATION_LEARNING_RATE,
+        help="AdamW learning rate, constant",
+    )
+    parser.add_argument(
+        "--weight_decay",
+        type=float,
+        default=SEGMENTATION_WEIGHT_DECAY,
+        help="AdamW weight decay",
+    )
+    parser.add_argument("--probe_batch_size", type=int, default=64, help="images per probe step")
+    parser.add_argument(
+        "--feature_dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default="float32",
+        help="dtype the extracted feature grids are kept in memory (float16 halves it; the probe trains in float32)",
+    )
+    labels = parser.add_argument_group("segmentation labels")
+    labels.add_argument(
+        "--num_classes",
+        type=int,
+        help="classes of the label maps (values 0..N-1; 255 is ignored); required for folders and datasets",
+    )
+    labels.add_argument(
+        "--train_label_dir",
+        type=Path,
+        help="label PNGs named as the images of --train_dir",
+    )
+    labels.add_argument(
+        "--eval_label_dir",
+        type=Path,
+        help="label PNGs named as the images of --eval_dir",
+    )
+    labels.add_argument(
+        "--annotation_column_name",
+        default="annotation",
+        help="label-map column of --dataset_name (scene_parse_150's)",
+    )
+    labels.add_argument(
+        "--reduce_labels",
+        action="store_true",
+        help="labels number their classes from 1 with 0 for unlabelled pixels (ADE20K, scene_parse_150): 0 becomes "
+        "the ignore label 255 and every other value v becomes v - 1",
+    )
+    labels.add_argument(
+        "--classes",
+        choices=SYNTHETIC_SEGMENTATION_CLASSES,
+        help="synthetic scenes only: class 0 is the background, then one class per shape (7 in all), per colour (9), "
+        f"or one object class (2); default {DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES}",
     )
 
 
@@ -194,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
         "object-discovery", help="FG-ARI and mBO of the spatial-map segments (synthetic scenes only)"
     )
     add_common_arguments(discovery)
+
+    segmentation = subparsers.add_parser(
+        "segmentation",
+        help="linear segmentation probe (BatchNorm + 1x1 conv) on the frozen patch grid: mIoU",
+    )
+    add_common_arguments(segmentation)
+    add_segmentation_arguments(segmentation)
     return parser
 
 
@@ -218,13 +321,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         from stellar_hf.evaluation import PROBE_BATCH_SIZE
 
         args.batch_size = PROBE_BATCH_SIZE if args.command in CLASSIFICATION else DEFAULT_BATCH_SIZE
-    needs_train = args.command in ("knn", "linear-probe") or getattr(args, "train_decoder_steps", 0) > 0
+    needs_train = args.command in ("knn", "linear-probe", "segmentation") or getattr(args, "train_decoder_steps", 0) > 0
+    if args.command == "segmentation":
+        check_segmentation_args(args, sub)
     if args.command == "object-discovery" and not args.synthetic:
         sub.error(
             "object-discovery needs per-pixel object masks, which only the built-in synthetic scenes provide; "
             "run it with --synthetic (or without data arguments), not with image folders or --dataset_name"
         )
-    if args.train_dir or args.eval_dir:
+    if (args.train_dir or args.eval_dir) and args.command != "segmentation":
         if args.eval_dir is None:
             sub.error("--train_dir needs --eval_dir: the folder of labelled images to evaluate on")
         if needs_train and args.train_dir is None:
@@ -241,6 +346,39 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.output_json is not None and args.output_json.is_dir():
         sub.error(f"--output_json {args.output_json} is a directory")
     return args
+
+
+def check_segmentation_args(args, sub) -> None:
+    """The segmentation subcommand's own argument checks: data, classes and probe settings."""
+    if args.epochs < 1 or args.learning_rate <= 0 or args.probe_batch_size < 1:
+        sub.error("--epochs and --probe_batch_size must be positive and --learning_rate above zero")
+    if args.synthetic:
+        given = [flag for flag, value in (("--num_classes", args.num_classes), ("--reduce_labels", args.reduce_labels), ("--train_label_dir", args.train_label_dir), ("--eval_label_dir", args.eval_label_dir)) if value]  # fmt: skip
+        if given:
+            sub.error(
+                f"{', '.join(given)} apply to folders and datasets; the synthetic scenes' classes are set by --classes"
+            )
+        return
+    if args.classes is not None:
+        sub.error("--classes names the class maps of the synthetic scenes; folders and datasets bring their own labels")
+    if args.num_classes is None:
+        sub.error("segmentation of folders or a dataset needs --num_classes (label values 0..N-1, 255 ignored)")
+    if not 2 <= args.num_classes <= 255:
+        sub.error(f"--num_classes must be in 2..255 (255 is the ignore label), got {args.num_classes}")
+    if args.dataset_name:
+        if args.train_label_dir or args.eval_label_dir:
+            sub.error("--train_label_dir / --eval_label_dir go with --train_dir / --eval_dir, not --dataset_name")
+        return
+    pairs = (("--train_dir", args.train_dir), ("--train_label_dir", args.train_label_dir), ("--eval_dir", args.eval_dir), ("--eval_label_dir", args.eval_label_dir))  # fmt: skip
+    missing = [flag for flag, value in pairs if value is None]
+    if missing:
+        sub.error(
+            "segmentation on folders needs --train_dir, --train_label_dir, --eval_dir and --eval_label_dir (images "
+            f"and same-named label PNGs); missing: {', '.join(missing)}"
+        )
+    for flag, folder in pairs:
+        if not folder.is_dir():
+            sub.error(f"{flag} {folder} does not exist or is not a directory")
 
 
 def fail(message: str) -> None:
@@ -317,32 +455,40 @@ def load_processor(model_id: str):
         return None
 
 
-def normalization_stats(processor, config) -> tuple[tuple, tuple] | None:
-    if processor is None:
-        return tuple(config.image_mean), tuple(config.image_std)
-    if not getattr(processor, "do_normalize", True):
-        return None
-    return tuple(processor.image_mean), tuple(processor.image_std)
-
-
 class Preprocess:
-    """PIL images -> normalised `pixel_values` `(B, 3, H, W)`: the model's processor, else `EvalTransform`."""
+    """
+    PIL images -> `pixel_values` `(B, 3, H, W)` with one image processor (`self.processor`):
 
-    def __init__(self, processor, config, synthetic: bool):
-        from stellar_hf.data import EvalTransform
+    - synthetic scenes: `stellar_hf.evaluation.probe_processor(config)` (rendered at the model's size: no resize or
+      crop, so object masks stay aligned), with the saved processor's normalisation when the model has one;
+    - folders and datasets: the processor saved with the model, else `StellarImageProcessor.from_model_config`.
 
-        self.processor = None if synthetic else processor
-        self.stats = normalization_stats(processor, config)
-        # Synthetic scenes are rendered at the model's size: no resize or crop, so object masks stay aligned.
-        self.transform = EvalTransform(config.image_size, resize_size=config.image_size if synthetic else None)
+    `description` says which, for the results' "preprocessing" field.
+    """
+
+    def __init__(self, saved_processor, config, synthetic: bool):
+        from stellar_hf.evaluation import probe_processor
+        from stellar_hf.image_processing_stellar import StellarImageProcessor
+
+        if synthetic:
+            self.processor = probe_processor(config)
+            if saved_processor is not None:
+                self.processor.do_normalize = getattr(saved_processor, "do_normalize", True)
+                self.processor.image_mean = list(saved_processor.image_mean)
+                self.processor.image_std = list(saved_processor.image_std)
+            self.description = f"StellarImageProcessor (no resize or crop: scenes rendered at {config.image_size} px)"
+        elif saved_processor is not None:
+            self.processor = saved_processor
+            self.description = "image processor"
+        else:
+            self.processor = StellarImageProcessor.from_model_config(config)
+            self.description = (
+                f"StellarImageProcessor (shorter side {self.processor.size.shortest_edge}, centre crop "
+                f"{config.image_size})"
+            )
 
     def __call__(self, images: list) -> torch.Tensor:
-        from stellar_hf.data import normalize
-
-        if self.processor is not None:
-            return self.processor(images=images, return_tensors="pt")["pixel_values"]
-        pixel_values = torch.stack([self.transform(image) for image in images])
-        return pixel_values if self.stats is None else normalize(pixel_values, *self.stats)
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -546,12 +692,122 @@ def build_loaders(args, config, preprocess: Preprocess, splits: list[str], need_
     return loaders, labels, {split: len(dataset) for split, dataset in datasets.items()}
 
 
+def segmentation_splits(args, config) -> tuple[dict, tuple | None, int]:
+    """`({split: SegmentationDataset}, class names or None, number of classes)` for the segmentation subcommand."""
+    from stellar_hf.segmentation import (
+        DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES,
+        SegmentationDataset,
+        load_segmentation_folder,
+        synthetic_segmentation,
+        synthetic_segmentation_class_names,
+    )
+
+    limits = split_limits(args)
+    if args.synthetic:
+        from stellar_hf.data import SyntheticScenes
+
+        classes = args.classes or DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES
+        names = synthetic_segmentation_class_names(classes)
+        datasets = {
+            split: synthetic_segmentation(
+                SyntheticScenes(
+                    num_images=limits[split] or DEFAULT_SYNTHETIC_IMAGES,
+                    image_size=config.image_size,
+                    split=scenes_split,
+                    seed=args.seed,
+                ),
+                classes,
+            )
+            for split, scenes_split in (("train", "train"), ("eval", "validation"))
+        }
+        return datasets, names, len(names)
+    sources = {}
+    if args.dataset_name:
+        from stellar_hf.data import load_hub_dataset
+
+        names = {"train": args.train_split, "eval": args.eval_split}
+        for split, name in names.items():
+            try:
+                sources[split] = load_hub_dataset(
+                    args.dataset_name,
+                    args.dataset_config_name,
+                    split=name,
+                    image_column=args.image_column_name,
+                    cache_dir=args.cache_dir,
+                )
+            except (ValueError, FileNotFoundError, OSError) as error:
+                fail(f"cannot load split {name!r} of {args.dataset_name}: {error}")
+            if args.annotation_column_name not in sources[split].column_names:
+                fail(
+                    f"split {name!r} of {args.dataset_name} has no annotation column {args.annotation_column_name!r} "
+                    f"(columns: {sources[split].column_names}); pass --annotation_column_name"
+                )
+        described = {split: f"split {name!r} of {args.dataset_name}" for split, name in names.items()}
+    else:
+        folders = {
+            "train": (args.train_dir, args.train_label_dir),
+            "eval": (args.eval_dir, args.eval_label_dir),
+        }
+        for split, (images, labels) in folders.items():
+            try:
+                sources[split] = load_segmentation_folder(images, labels)
+            except ValueError as error:
+                fail(f"--{split}_dir / --{split}_label_dir: {error}")
+        described = {split: f"--{split}_dir" for split in folders}
+    datasets = {
+        split: SegmentationDataset(
+            source,
+            args.num_classes,
+            image_column=args.image_column_name,
+            annotation_column=args.annotation_column_name,
+            reduce=args.reduce_labels,
+            indices=subset_indices(len(source), limits[split], args.seed),
+            name=described[split],
+        )
+        for split, source in sources.items()
+    }
+    return datasets, None, args.num_classes
+
+
+def segmentation_loaders(args, config, preprocess: Preprocess):
+    """`({split: DataLoader of {"pixel_values", "labels" (B, S, S)}}, class names or None, classes, {split: size})`."""
+    from stellar_hf.segmentation import SegmentationCollator
+
+    datasets, class_names, num_classes = segmentation_splits(args, config)
+    collate = SegmentationCollator(preprocess.processor)
+    loaders = {
+        split: DataLoader(
+            dataset,
+            batch_size=args.batch_size,
+            shuffle=False,
+            num_workers=args.num_workers,
+            collate_fn=collate,
+        )
+        for split, dataset in datasets.items()
+    }
+    return (
+        loaders,
+        class_names,
+        num_classes,
+        {split: len(dataset) for split, dataset in datasets.items()},
+    )
+
+
 def describe_data(args) -> dict:
     if args.synthetic:
         return {"source": "synthetic", "seed": args.seed}
     if args.dataset_name:
-        return {"source": args.dataset_name, "config": args.dataset_config_name, "train_split": args.train_split, "eval_split": args.eval_split}  # fmt: skip
-    return {"source": "image_folders", "train_dir": str(args.train_dir) if args.train_dir else None, "eval_dir": str(args.eval_dir)}  # fmt: skip
+        described = {"source": args.dataset_name, "config": args.dataset_config_name, "train_split": args.train_split, "eval_split": args.eval_split}  # fmt: skip
+        if args.command == "segmentation":
+            described["annotation_column"] = args.annotation_column_name
+        return described
+    described = {"source": "image_folders", "train_dir": str(args.train_dir) if args.train_dir else None, "eval_dir": str(args.eval_dir)}  # fmt: skip
+    if args.command == "segmentation":
+        described.update(
+            train_label_dir=str(args.train_label_dir),
+            eval_label_dir=str(args.eval_label_dir),
+        )
+    return described
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -729,6 +985,121 @@ def run_object_discovery(args, model, loaders, device) -> dict:
     return {**scores, "num_sparse_tokens": config.num_sparse_tokens, "grid_blocks": f"{rows}x{columns}"}
 
 
+def run_segmentation(args, model, loaders, class_names, num_classes, sizes, device) -> dict:
+    """
+    mIoU and pixel accuracy of the linear segmentation probe for each requested feature grid, next to the majority
+    class and the same probe on a randomly initialised encoder (when run).
+    """
+    from stellar_hf.evaluation import random_init_encoder
+    from stellar_hf.segmentation import (
+        DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES,
+        MEAN_IOU_CLASSES,
+        SEGMENTATION_FEATURES,
+        extract_segmentation_features,
+        majority_class_scores,
+        segmentation_probe,
+    )
+
+    features = list(SEGMENTATION_FEATURES) if args.feature == "all" else [args.feature]
+    storage_dtype = getattr(torch, args.feature_dtype)
+    progress = not args.no_progress
+    encoders = {"trained": model}
+    skipped = random_init_reason(args, sizes)
+    if skipped is None:
+        encoders["random_init"] = random_init_encoder(model.config, seed=args.seed).to(device)
+    grids, labels = {}, {}
+    for name, encoder in encoders.items():
+        for split in ("train", "eval"):
+            try:
+                grids[name, split], labels[split] = extract_segmentation_features(
+                    encoder, loaders[split], features, device, storage_dtype, progress
+                )
+            except ValueError as error:
+                fail(str(error))
+    majority = majority_class_scores(labels["train"], labels["eval"], num_classes)
+    per_feature = {}
+    for feature in features:
+        entry = {"num_channels": grids["trained", "train"][feature].shape[1]}
+        for name in encoders:
+            scores = segmentation_probe(
+                grids[name, "train"][feature],
+                labels["train"],
+                grids[name, "eval"][feature],
+                labels["eval"],
+                num_classes,
+                epochs=args.epochs,
+                learning_rate=args.learning_rate,
+                weight_decay=args.weight_decay,
+                batch_size=args.probe_batch_size,
+                seed=args.seed,
+                device=device,
+            )
+            if name == "trained":
+                entry.update(scores)
+            else:
+                for key in (
+                    "mean_iou",
+                    "pixel_accuracy",
+                    "grid_mean_iou",
+                    "grid_pixel_accuracy",
+                ):
+                    entry[f"random_init_{key}"] = scores[key]
+        if skipped is not None:
+            for key in (
+                "mean_iou",
+                "pixel_accuracy",
+                "grid_mean_iou",
+                "grid_pixel_accuracy",
+            ):
+                entry[f"random_init_{key}"] = None
+            entry["random_init_skipped"] = skipped
+        per_feature[feature] = entry
+    grid = tuple(grids["trained", "eval"][features[0]].shape[-2:])
+    common = {
+        "num_classes": num_classes,
+        "class_names": list(class_names) if class_names is not None else None,
+        "classes": (args.classes or DEFAULT_SYNTHETIC_SEGMENTATION_CLASSES) if args.synthetic else None,
+        "ignore_index": 255,
+        "mean_iou_over": MEAN_IOU_CLASSES,
+        "label_size": list(labels["eval"].shape[-2:]),
+        "logit_grid": list(grid),
+        "majority_class_mean_iou": majority["mean_iou"],
+        "majority_class_pixel_accuracy": majority["pixel_accuracy"],
+        "epochs": args.epochs,
+        "learning_rate": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "probe_batch_size": args.probe_batch_size,
+        "reduce_labels": args.reduce_labels,
+    }
+    if len(per_feature) == 1:
+        return {"feature": features[0], **per_feature[features[0]], **common}
+    return {"feature": "all", "features": per_feature, **common}
+
+
+def segmentation_summary_lines(result: dict) -> list[str]:
+    """One readable line per feature of a segmentation result: mIoU next to the random-init encoder and the floor."""
+    entries = result["features"] if "features" in result else {result["feature"]: result}
+    lines = []
+    for feature, entry in entries.items():
+        line = (
+            f"segmentation mIoU {entry['mean_iou']:.3f}, pixel accuracy {entry['pixel_accuracy']:.3f} (logit grid "
+            f"{entry['grid_mean_iou']:.3f}, {entry['grid_pixel_accuracy']:.3f}) on the {feature} feature, "
+            f"{result['num_classes']} classes: "
+        )
+        if entry.get("random_init_mean_iou") is not None:
+            line += (
+                f"random-init encoder {entry['random_init_mean_iou']:.3f}, {entry['random_init_pixel_accuracy']:.3f}; "
+            )
+        else:
+            line += f"random-init encoder not run ({entry.get('random_init_skipped')}); "
+        line += (
+            f"majority class {result['majority_class_mean_iou']:.3f}, {result['majority_class_pixel_accuracy']:.3f}; "
+            f"{result['num_train_images']} train / {result['num_eval_images']} eval images"
+        )
+        lines.append(line)
+    return lines
+
+
 def json_safe(value):
     """Non-finite floats become null, so the line is strict JSON."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -750,6 +1121,15 @@ def main(argv=None) -> int:
     processor = load_processor(args.model)
     preprocess = Preprocess(processor, config, args.synthetic)
 
+    if args.command == "segmentation":
+        loaders, class_names, num_classes, sizes = segmentation_loaders(args, config, preprocess)
+        model = load_model(args, config, device)
+        try:
+            metrics = run_segmentation(args, model, loaders, class_names, num_classes, sizes, device)
+        except ValueError as error:  # a label map that is not what the arguments say (values, size)
+            fail(str(error))
+        return finish(args, metrics, sizes, config, preprocess, device)
+
     if args.command in CLASSIFICATION:
         splits, need_labels = ["train", "eval"], True
     elif args.command == "reconstruction":
@@ -766,7 +1146,11 @@ def main(argv=None) -> int:
         metrics = run_reconstruction(args, model, loaders, device)
     else:
         metrics = run_object_discovery(args, model, loaders, device)
+    return finish(args, metrics, sizes, config, preprocess, device)
 
+
+def finish(args, metrics: dict, sizes: dict, config, preprocess: Preprocess, device) -> int:
+    """Print (and write) the final JSON line, after the readable lines on standard error."""
     result = {
         "task": args.command,
         **metrics,
@@ -774,13 +1158,16 @@ def main(argv=None) -> int:
         "num_eval_images": sizes["eval"],
         "model": str(args.model),
         "data": describe_data(args),
-        "preprocessing": "image processor" if preprocess.processor is not None else "EvalTransform",
+        "preprocessing": preprocess.description,
         "image_size": config.image_size,
         "device": str(device),
     }
     line = json.dumps(json_safe(result), allow_nan=False)
     if args.command in CLASSIFICATION:
         for summary in summary_lines(result):
+            print(summary, file=sys.stderr)
+    if args.command == "segmentation":
+        for summary in segmentation_summary_lines(result):
             print(summary, file=sys.stderr)
     if args.output_json is not None:
         args.output_json.parent.mkdir(parents=True, exist_ok=True)

@@ -6,8 +6,9 @@ metrics.
 - What a probe figure measures: [`ProbeLabel`] (the label's name, classes and chance), the synthetic scenes' labels
   ([`synthetic_probe_labels`]: `dominant_color`, `dominant_shape`), [`folder_probe_label`] (`class`, the subfolder),
   and the probe recipe of `examples/pretrain.py`'s final evaluation, the Quick start's figures
-  ([`synthetic_probe_datasets`], [`probe_transform`], [`random_init_encoder`], `SYNTHETIC_PROBE_*_IMAGES`,
-  `PROBE_BATCH_SIZE`), which `examples/evaluate.py` uses by default.
+  ([`synthetic_probe_datasets`], [`probe_processor`], [`random_init_encoder`], `SYNTHETIC_PROBE_*_IMAGES`,
+  `PROBE_BATCH_SIZE`), which `examples/run_evaluation.py` uses by default. ([`probe_transform`] is deprecated.)
+- Segmentation: the linear segmentation probe lives in `stellar_hf.segmentation`.
 - Reconstruction: [`psnr`], [`ssim`] (always available), [`lpips`] and [`frechet_distance`] on Inception features
   (only with locally available network weights: [`load_lpips`], [`load_inception`] raise [`MetricUnavailable`] with
   the reason otherwise), [`ReconstructionMetrics`] to accumulate them over batches, [`train_reconstruction_probe`]
@@ -321,11 +322,45 @@ def synthetic_probe_datasets(
     return train, evaluation
 
 
+def probe_processor(config, do_normalize: bool = True):
+    """
+    The probes' image processor: a `StellarImageProcessor` (torchvision backend) that resizes the shorter side to
+    `config.image_size` and centre-crops `config.image_size` square (synthetic scenes, rendered at that size, pass
+    unchanged: no 256 / 224 enlargement), then normalises with the config's mean and std.
+
+    Call it as `probe_processor(config)(list_of_pil_images, return_tensors="pt")["pixel_values"]`:
+    `(B, 3, S, S)`; with `do_normalize=False` the pixels stay on the [0, 1] scale.
+    """
+    from .image_processing_stellar import StellarImageProcessor
+
+    size = config.image_size
+    return StellarImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(config.image_mean),
+        image_std=list(config.image_std),
+        do_normalize=do_normalize,
+    )
+
+
 def probe_transform(image_size: int):
-    """The probes' preprocessing of synthetic scenes: `EvalTransform(image_size, resize_size=image_size)` (then
-    normalise with the config's mean and std)."""
+    """
+    Deprecated: use [`probe_processor`] (`probe_processor(config)(images, return_tensors="pt")["pixel_values"]`).
+
+    The probes' former preprocessing of synthetic scenes, `EvalTransform(image_size, resize_size=image_size)`
+    (pixels in [0, 1], not normalised).
+    """
+    import warnings
+
     from .data import EvalTransform
 
+    warnings.warn(
+        "`stellar_hf.evaluation.probe_transform` is deprecated and will be removed in a future version: use "
+        "`stellar_hf.evaluation.probe_processor(config)` (a StellarImageProcessor; pass do_normalize=False for "
+        "[0, 1] pixels)",
+        FutureWarning,
+        stacklevel=2,
+    )
     return EvalTransform(image_size, resize_size=image_size)
 
 
@@ -1048,14 +1083,14 @@ __all__ = [
     "FEATURES",
     "LINEAR_PROBE_EPOCHS",
     "LPIPS_NETS",
-    "LinearProbe",
     "PROBE_BATCH_SIZE",
-    "ProbeLabel",
     "SYNTHETIC_LABEL_NAMES",
     "SYNTHETIC_PROBE_EVAL_IMAGES",
     "SYNTHETIC_PROBE_SEED",
     "SYNTHETIC_PROBE_TRAIN_IMAGES",
+    "LinearProbe",
     "MetricUnavailable",
+    "ProbeLabel",
     "ReconstructionMetrics",
     "adjusted_rand_index",
     "build_reconstruction_metrics",
@@ -1074,11 +1109,12 @@ __all__ = [
     "knn_accuracy",
     "knn_classify",
     "linear_probe",
-    "majority_class_accuracy",
     "load_inception",
     "load_lpips",
     "lpips",
+    "majority_class_accuracy",
     "object_discovery_scores",
+    "probe_processor",
     "probe_transform",
     "psnr",
     "random_init_encoder",

@@ -536,26 +536,51 @@ def test_folder_label_and_majority_class():
         majority_class_accuracy(torch.tensor([], dtype=torch.long), evaluation)
 
 
-def test_synthetic_probe_recipe_and_random_init_encoder():
-    from stellar_hf.data import EvalTransform
+def test_synthetic_probe_recipe_and_processor():
     from stellar_hf.evaluation import (
         PROBE_BATCH_SIZE,
         SYNTHETIC_PROBE_EVAL_IMAGES,
         SYNTHETIC_PROBE_TRAIN_IMAGES,
-        probe_transform,
-        random_init_encoder,
+        probe_processor,
         synthetic_probe_datasets,
     )
-    from stellar_hf.modeling_stellar import StellarModel
+    from stellar_hf.image_processing_stellar import StellarImageProcessor
 
     assert (SYNTHETIC_PROBE_TRAIN_IMAGES, SYNTHETIC_PROBE_EVAL_IMAGES, PROBE_BATCH_SIZE) == (2048, 1024, 128)
     train, evaluation = synthetic_probe_datasets(32)
     assert (len(train), len(evaluation)) == (2048, 1024)
     assert (train.config.split, evaluation.config.split, train.config.seed) == ("train", "validation", 0)
     expected = SyntheticScenes(num_images=4, image_size=32, split="validation")[3]["image"]
-    transform = probe_transform(32)
+    config = tiny_config(image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.25, 0.3])
+    processor = probe_processor(config)
+    assert isinstance(processor, StellarImageProcessor)
+    assert processor.size.shortest_edge == 32 and (
+        processor.crop_size.height,
+        processor.crop_size.width,
+    ) == (32, 32)
+    pixels = processor([evaluation[3]["image"], expected], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 32, 32) and torch.equal(pixels[0], pixels[1])
+    # Scenes rendered at the model's size pass unchanged: only rescaled and normalised with the config's statistics.
+    raw = torch.from_numpy(np.array(expected)).permute(2, 0, 1).float() / 255
+    assert torch.allclose(pixels[1], normalize(raw, config.image_mean, config.image_std), atol=1e-5)
+    unnormalised = probe_processor(config, do_normalize=False)([expected], return_tensors="pt")["pixel_values"][0]
+    assert torch.allclose(unnormalised, raw, atol=1e-6)
+
+
+def test_probe_transform_is_deprecated_but_still_works():
+    from stellar_hf.data import EvalTransform
+    from stellar_hf.evaluation import probe_transform
+
+    with pytest.warns(FutureWarning, match="probe_processor"):
+        transform = probe_transform(32)
     assert isinstance(transform, EvalTransform) and transform.resize_size == 32
-    assert torch.equal(transform(evaluation[3]["image"]), transform(expected))
+    image = SyntheticScenes(num_images=1, image_size=32, split="validation")[0]["image"]
+    assert transform(image).shape == (3, 32, 32)
+
+
+def test_random_init_encoder_is_seeded():
+    from stellar_hf.evaluation import random_init_encoder
+    from stellar_hf.modeling_stellar import StellarModel
 
     config = tiny_config()
     state = torch.random.get_rng_state()

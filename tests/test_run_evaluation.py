@@ -105,7 +105,9 @@ def test_knn_on_image_folders(workspace):
     # Three classes are always all in the top 5: no top-5 figure, and why.
     assert metrics["top5"] is None and metrics["random_init_top5"] is None and "3 classes" in metrics["top5_note"]
     assert metrics["num_train_images"] == 18 and metrics["num_eval_images"] == 9
-    assert metrics["preprocessing"] == "EvalTransform" and metrics["data"]["source"] == "image_folders"
+    # No processor saved with the model: the model config's StellarImageProcessor (shorter side 36 = 32 * 256 / 224).
+    assert metrics["preprocessing"] == "StellarImageProcessor (shorter side 36, centre crop 32)"
+    assert metrics["data"]["source"] == "image_folders"
     assert json.loads(output.read_text()) == metrics
     # Exactly one JSON line on stdout, the last one; the readable line, on stderr, names the label next to chance.
     assert sum(line.startswith("{") for line in result.stdout.splitlines()) == 1
@@ -255,10 +257,16 @@ def test_synthetic_defaults_are_the_quick_start_probe_recipe(workspace):
     assert [label.name for label in labels] == list(tasks) == ["dominant_color", "dominant_shape"]
     assert sizes == {split: len(loader.dataset) for split, loader in quick_loaders.items()}
     assert sizes == {"train": 2048, "eval": 1024}
-    assert args.batch_size == quick_loaders["train"].batch_size == 128  # same batches: bit-identical features
+    assert args.batch_size == quick_loaders["train"].batch_size == 128  # same batches and images
+    from stellar_hf.evaluation import probe_processor
+
+    processor = probe_processor(config)
     for split in ("train", "eval"):
         ours, theirs = next(iter(loaders[split])), next(iter(quick_loaders[split]))
-        assert torch.equal(ours["pixel_values"], theirs["pixel_values"]), split
+        images = [loaders[split].dataset[index]["image"] for index in range(ours["pixel_values"].shape[0])]
+        assert torch.equal(ours["pixel_values"], processor(images, return_tensors="pt")["pixel_values"]), split
+        # The Quick start's probes see the same pixels (up to the rounding of the normalisation).
+        assert torch.allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-4), split
         assert torch.equal(ours["labels"], theirs["labels"]), split
 
     # Without --label: colour alone, the Quick start's headline figure.
@@ -365,3 +373,155 @@ def test_a_model_id_that_cannot_be_fetched_says_what_to_do(tmp_path):
     message = " ".join(error)
     assert "cannot load a STELLAR configuration from stellar-org/not-cached" in message
     assert "hf download stellar-org/not-cached" in message and "HF_HUB_OFFLINE" in message
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# segmentation: the linear segmentation probe on the synthetic scenes, label folders and a datasets split
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def segmentation_data(workspace):
+    """Image / label-PNG folder pairs (3 classes, 255 = ignored) and the same as a `scene_parse_150`-style dataset."""
+    import datasets
+    import numpy as np
+
+    root = workspace / "segmentation"
+    generator = np.random.default_rng(0)
+    rows = {"train": [], "validation": []}
+    for split, count in (("train", 6), ("eval", 4)):
+        for index in range(count):
+            labels = np.zeros((40, 48), dtype=np.uint8)
+            labels[:, 16:32] = 1
+            labels[20:, 32:] = 2
+            labels[:2] = 255
+            colours = np.array([(200, 30, 30), (30, 200, 40), (40, 60, 230)], dtype=np.int64)
+            pixels = colours[np.minimum(labels, 2)] + generator.integers(-30, 30, (40, 48, 3))
+            image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+            for kind, picture in (
+                ("images", image),
+                ("labels", Image.fromarray(labels)),
+            ):
+                folder = root / kind / split
+                folder.mkdir(parents=True, exist_ok=True)
+                picture.save(folder / f"{index}.png")
+            # ADE20K numbering in the dataset: 0 = unlabelled, classes from 1.
+            ade = np.where(labels == 255, 0, labels + 1).astype(np.uint8)
+            rows["train" if split == "train" else "validation"].append(
+                {"image": image, "annotation": Image.fromarray(ade)}
+            )
+    features = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    datasets.DatasetDict(
+        {split: datasets.Dataset.from_list(items, features=features) for split, items in rows.items()}
+    ).save_to_disk(str(root / "dataset"))
+    return root
+
+
+def test_segmentation_on_synthetic_scenes_end_to_end(workspace, tmp_path):
+    output = tmp_path / "segmentation.json"
+    result, metrics = run(
+        "segmentation", "--model", str(workspace / "model"), "--num_images", "12", "--batch_size", "6",
+        "--epochs", "2", "--feature", "all", "--classes", "color", "--output_json", str(output), workspace=workspace,
+    )  # fmt: skip
+    assert metrics["task"] == "segmentation" and metrics["feature"] == "all" and metrics["num_classes"] == 9
+    assert metrics["class_names"][0] == "background" and metrics["classes"] == "color"
+    assert metrics["label_size"] == [32, 32] and metrics["logit_grid"] == [4, 4] and metrics["ignore_index"] == 255
+    assert set(metrics["features"]) == {"dense", "lowrank", "spatial_map"}
+    assert metrics["features"]["spatial_map"]["num_channels"] == TINY["num_sparse_tokens"]
+    for entry in metrics["features"].values():
+        for key in (
+            "mean_iou",
+            "pixel_accuracy",
+            "grid_mean_iou",
+            "grid_pixel_accuracy",
+            "random_init_mean_iou",
+        ):
+            assert 0.0 <= entry[key] <= 1.0, key
+        assert entry["steps"] == 2  # 12 images, --probe_batch_size 64: one step per epoch
+    assert 0.0 < metrics["majority_class_pixel_accuracy"] <= 1.0
+    assert "classes present in the labels or the predictions" in metrics["mean_iou_over"]
+    assert json.loads(output.read_text()) == metrics
+    assert sum(line.startswith("segmentation mIoU") for line in result.stderr.splitlines()) == 3
+
+
+def test_segmentation_on_label_folders_and_a_dataset(workspace, segmentation_data, capsys):
+    model = str(workspace / "model")
+    root = segmentation_data
+    folders = [
+        "--train_dir", str(root / "images" / "train"), "--train_label_dir", str(root / "labels" / "train"),
+        "--eval_dir", str(root / "images" / "eval"), "--eval_label_dir", str(root / "labels" / "eval"),
+    ]  # fmt: skip
+    common = [
+        "--num_classes",
+        "3",
+        "--epochs",
+        "3",
+        "--learning_rate",
+        "0.05",
+        "--random_init",
+        "no",
+        "--no_progress",
+    ]
+    assert evaluate_example.main(["segmentation", "--model", model, *folders, *common]) == 0
+    on_folders = last_json_line(capsys)
+    assert on_folders["feature"] == "dense" and on_folders["num_classes"] == 3 and on_folders["class_names"] is None
+    assert on_folders["data"]["train_label_dir"] == str(root / "labels" / "train")
+    assert on_folders["random_init_mean_iou"] is None and "not requested" in on_folders["random_init_skipped"]
+    assert on_folders["num_train_images"] == 6 and on_folders["num_eval_images"] == 4
+    assert on_folders["label_size"] == [
+        32,
+        32,
+    ]  # 40 x 48 images, resized (shorter side 36) and centre-cropped
+    # The same data in the scene_parse_150 layout (0 = unlabelled, classes from 1): the same figures.
+    dataset = ["--dataset_name", str(root / "dataset"), "--reduce_labels"]
+    assert evaluate_example.main(["segmentation", "--model", model, *dataset, *common]) == 0
+    on_dataset = last_json_line(capsys)
+    assert on_dataset["data"]["annotation_column"] == "annotation" and on_dataset["reduce_labels"] is True
+    for key in ("mean_iou", "pixel_accuracy", "grid_mean_iou", "grid_pixel_accuracy"):
+        assert on_dataset[key] == pytest.approx(on_folders[key]), key
+
+
+def test_segmentation_bad_input_gives_clear_errors(workspace, segmentation_data, tmp_path, capsys):
+    model = str(workspace / "model")
+    root = segmentation_data
+    dataset = ["--dataset_name", str(root / "dataset")]
+    message = error_of(capsys, "segmentation", "--model", model, *dataset)
+    assert "needs --num_classes" in message
+    # Without --reduce_labels the ADE-numbered maps hold the value 3 for a 3-class problem: named, with the way out.
+    message = error_of(
+        capsys,
+        "segmentation",
+        "--model",
+        model,
+        *dataset,
+        "--num_classes",
+        "3",
+        "--epochs",
+        "1",
+    )
+    assert "values 3 outside the classes 0..2" in message and "reduce the labels" in message
+    message = error_of(capsys, "segmentation", "--model", model, *dataset, "--num_classes", "4", "--annotation_column_name", "mask")  # fmt: skip
+    assert "no annotation column 'mask'" in message and "'annotation'" in message
+    message = error_of(capsys, "segmentation", "--model", model, "--train_dir", str(root / "images" / "train"), "--num_classes", "3")  # fmt: skip
+    assert "missing: --train_label_dir, --eval_dir, --eval_label_dir" in message
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    for name in (
+        "0",
+        "1",
+        "2",
+        "3",
+        "4",
+    ):  # 5 of the 6 training images, and one label without an image
+        Image.open(root / "labels" / "train" / f"{name}.png").save(labels / f"{name}.png")
+    Image.new("L", (48, 40)).save(labels / "extra.png")
+    folders = [
+        "--train_dir", str(root / "images" / "train"), "--train_label_dir", str(labels),
+        "--eval_dir", str(root / "images" / "eval"), "--eval_label_dir", str(root / "labels" / "eval"),
+    ]  # fmt: skip
+    message = error_of(capsys, "segmentation", "--model", model, *folders, "--num_classes", "3")
+    assert "5.png" in message and "no label PNG" in message and "extra.png" in message and "no image" in message
+    message = error_of(capsys, "segmentation", "--model", model, "--synthetic", "--num_classes", "3")
+    assert "--num_classes" in message and "--classes" in message
+    message = error_of(capsys, "segmentation", "--model", model, *dataset, "--num_classes", "300")
+    assert "2..255" in message
