@@ -49,8 +49,8 @@ from stellar_hf.checkpointing import (
 )
 from stellar_hf.convert import CheckpointError as OriginalCheckpointError
 from stellar_hf.data import (
-    EvalTransform,
-    MultiViewTransform,
+    ColorAugmentation,
+    MultiViewCrops,
     PretrainingDataset,
     StreamingPretrainingDataset,
     SyntheticScenes,
@@ -58,6 +58,7 @@ from stellar_hf.data import (
     load_hub_dataset,
     load_image_folder,
     normalize,
+    ViewAugmentation,
 )
 from stellar_hf.evaluation import (
     LINEAR_PROBE_EPOCHS,
@@ -69,7 +70,7 @@ from stellar_hf.evaluation import (
     folder_probe_label,
     knn_accuracy,
     linear_probe,
-    probe_transform,
+    probe_processor,
     random_init_encoder,
     synthetic_probe_datasets,
     synthetic_probe_labels,
@@ -110,6 +111,8 @@ PRESETS = {
 }
 # The default run: about 5 minutes of training on 2 CPU cores, enough for the probes to show what was learned.
 DEFAULT_SYNTHETIC_STEPS = 450
+# Above this share of wall time spent waiting for batches, the run says the input path starves the model.
+STARVED_FRACTION = 0.1
 SMALL_PRESET_BASE_LEARNING_RATE = 4e-3
 RECIPE_BASE_LEARNING_RATE = 1.5e-4 * 256 / 2048
 
@@ -130,7 +133,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     data.add_argument("--probe_train_dir", help="labelled image folder (one subfolder per class) for the final probes")
     data.add_argument("--probe_eval_dir", help="labelled image folder for the final probes' evaluation")
-    data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        help="processes that decode and crop images (default: sized to the machine, see default_loader_settings)",
+    )
+    data.add_argument(
+        "--compile_view_augmentation",
+        choices=("auto", "yes", "no"),
+        default="auto",
+        help="torch.compile the batched colour augmentation (auto: on CUDA devices only)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="continue from a StellarForPreTraining folder or Hub id")
@@ -289,12 +302,17 @@ def build_teacher(args, model: StellarForPreTraining) -> StellarEMATeacher | Non
 
 
 def build_dataset(args, config: StellarConfig):
-    """The pretraining dataset (views made on the data side) and a short description of it."""
-    transform = MultiViewTransform(
+    """
+    The pretraining dataset and a short description of it. Its items are the views' uint8 crops and colour
+    parameters (`MultiViewCrops`, in the DataLoader workers); `ViewAugmentation` colours and normalises them on the
+    training device (`to_model_inputs`).
+    """
+    transform = MultiViewCrops(
         image_size=config.image_size,
         num_global_views=max(config.num_masked_views, 1),
         num_local_views=config.num_local_views,
         local_image_size=config.local_image_size,
+        color=ColorAugmentation(),
     )
     if args.train_dir:
         source, description = load_image_folder(args.train_dir, labels=False), f"image folder {args.train_dir}"
@@ -536,13 +554,105 @@ def format_results(summary: dict, output_dir: Path, written: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def to_model_inputs(batch: dict, config: StellarConfig) -> dict:
-    """Normalise the data pipeline's [0, 1] views with the config's statistics."""
+def to_model_inputs(batch: dict, config: StellarConfig, augmentation: ViewAugmentation | None = None) -> dict:
+    """
+    The model's inputs from a batch of the data pipeline, on the batch's device: `MultiViewCrops` batches (uint8
+    crops and colour parameters) through `augmentation` (default: `ViewAugmentation` with the config's statistics),
+    the batched colour augmentation and normalisation; batches of [0, 1] views (`MultiViewTransform`) normalised.
+    """
+    if "global_crops" in batch:
+        if augmentation is None:
+            augmentation = ViewAugmentation(ColorAugmentation(), config.image_mean, config.image_std)
+        return augmentation(batch)
     inputs = {"pixel_values": normalize(batch["pixel_values"], config.image_mean, config.image_std)}
     for key in ("global_views", "local_views"):
         if key in batch:
             inputs[key] = normalize(batch[key], config.image_mean, config.image_std)
     return inputs
+
+
+def main_images(batch: dict) -> torch.Tensor:
+    """The batch's main images `(B, 3, S, S)` on the [0, 1] scale, whichever view path made it."""
+    if "global_crops" in batch:
+        return batch["global_crops"][:, 0].float() / 255.0
+    return batch["pixel_values"]
+
+
+def default_loader_settings(
+    requested_workers: int | None, device_type: str, local_processes: int, streaming: bool = False
+) -> dict:
+    """
+    DataLoader settings sized to the machine: `num_workers`, `pin_memory`, `persistent_workers`, `prefetch_factor`.
+
+    Workers: `requested_workers` when given; otherwise, on an accelerator, the cores this process may use divided
+    among the processes of this machine, one left for the training loop, at most 12 (the uint8 crops take ~4 ms per
+    image at the recipe, JPEG decoding 5-10 ms more: 12 workers feed ~700 images/s); on a CPU run none, because the
+    training threads already use every core and the crops are a small part of a CPU step. Pinned memory and
+    non-blocking copies on CUDA. Persistent workers keep their state between epochs (`PretrainingDataset.set_epoch`
+    reaches them through shared memory; not for a stream, whose `datasets` shuffle order is set per epoch in each
+    worker's copy), with 4 batches in flight per worker.
+    """
+    if requested_workers is not None:
+        if requested_workers < 0:
+            raise SystemExit(f"error: --dataloader_num_workers must be 0 or more, got {requested_workers}")
+        workers = requested_workers
+    elif device_type == "cpu":
+        workers = 0
+    else:
+        workers = min(max(physical_cores() // max(local_processes, 1) - 1, 1), 12)
+    settings = {
+        "num_workers": workers,
+        "pin_memory": device_type == "cuda",
+        "persistent_workers": workers > 0 and not streaming,
+    }
+    if workers > 0:
+        settings["prefetch_factor"] = 4
+    return settings
+
+
+class DataWait:
+    """
+    How long the training loop waits for its batches: `timed(loader)` yields the loader's batches and adds the time
+    spent inside each `next()` to the step being assembled. `step_done()` closes a step; `recent_fraction` is the
+    share of wall time spent waiting over the last `window` steps, `total_fraction` over the run.
+    """
+
+    def __init__(self, window: int = 20):
+        self.window = window
+        self.pending = 0.0
+        self.recent: list[tuple[float, float]] = []  # (waited, wall) per step
+        self.total_waited = 0.0
+        self.started = time.perf_counter()
+        self.step_started = self.started
+
+    def timed(self, loader):
+        iterator = iter(loader)
+        while True:
+            before = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                self.pending += time.perf_counter() - before
+                return
+            self.pending += time.perf_counter() - before
+            yield batch
+
+    def step_done(self) -> None:
+        now = time.perf_counter()
+        self.recent.append((self.pending, now - self.step_started))
+        del self.recent[: -self.window]
+        self.total_waited += self.pending
+        self.pending, self.step_started = 0.0, now
+
+    @property
+    def recent_fraction(self) -> float:
+        waited, wall = (sum(column) for column in zip(*self.recent)) if self.recent else (0.0, 0.0)
+        return waited / wall if wall > 0 else 0.0
+
+    @property
+    def total_fraction(self) -> float:
+        wall = time.perf_counter() - self.started
+        return self.total_waited / wall if wall > 0 else 0.0
 
 
 FIGURE_IMAGES = 8
@@ -559,17 +669,17 @@ def figure_images(args, config: StellarConfig, dataset) -> torch.Tensor | None:
         return None
     if not (args.train_dir or args.dataset_name):
         scenes = SyntheticScenes(num_images=FIGURE_IMAGES, image_size=config.image_size, split="validation")
-        transform = probe_transform(config.image_size)
-        return torch.stack([transform(scenes[index]["image"]) for index in range(FIGURE_IMAGES)])
-    transform = EvalTransform(config.image_size)
+        processor = probe_processor(config, do_normalize=False)
+        return processor([scenes[index]["image"] for index in range(FIGURE_IMAGES)], return_tensors="pt")["pixel_values"]
+    processor = StellarImageProcessor.from_model_config(config)
     images = []
     for index in range(len(dataset)):
         image, _ = dataset.read_image(index)
         if image is not None:
-            images.append(transform(image))
+            images.append(image)
         if len(images) == FIGURE_IMAGES:
             break
-    return torch.stack(images)
+    return processor(images, do_normalize=False, return_tensors="pt")["pixel_values"]
 
 
 @torch.no_grad()
@@ -627,7 +737,7 @@ def probe_labels(args) -> dict[str, ProbeLabel] | None:
 
 def probe_loaders(args, config: StellarConfig, labels: dict[str, ProbeLabel]) -> tuple[DataLoader, DataLoader]:
     """(train, eval) loaders of normalised images with `labels` `(B, num_labels)`, one column per label."""
-    transform = probe_transform(config.image_size)
+    processor = probe_processor(config)
     if args.probe_train_dir:
         train = load_image_folder(args.probe_train_dir, labels=True)
         evaluation = load_image_folder(args.probe_eval_dir, labels=True)
@@ -641,9 +751,9 @@ def probe_loaders(args, config: StellarConfig, labels: dict[str, ProbeLabel]) ->
         )
 
     def collate(items):
-        images = torch.stack([transform(item["image"]) for item in items])
+        pixel_values = processor([item["image"] for item in items], return_tensors="pt")["pixel_values"]
         columns = torch.tensor([[label.label_of(item) for label in labels.values()] for item in items])
-        return {"pixel_values": normalize(images, config.image_mean, config.image_std), "labels": columns}
+        return {"pixel_values": pixel_values, "labels": columns}
 
     return (
         DataLoader(train, batch_size=PROBE_BATCH_SIZE, collate_fn=collate),
@@ -706,7 +816,9 @@ def train(args: argparse.Namespace) -> int:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=args.seed, non_blocking=torch.cuda.is_available()
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
@@ -737,13 +849,23 @@ def train(args: argparse.Namespace) -> int:
         )
     teacher = build_teacher(args, model)
     dataset, data_description = build_dataset(args, config)
+    local_processes = next((int(os.environ[name]) for name in LOCAL_SIZE_VARIABLES if os.environ.get(name)), 1)
+    loader_settings = default_loader_settings(
+        args.dataloader_num_workers, accelerator.device.type, local_processes, streaming=args.streaming
+    )
     loader = DataLoader(
         dataset,
         batch_size=args.per_device_train_batch_size,
         shuffle=not args.streaming,
         collate_fn=collate_views,
-        num_workers=args.dataloader_num_workers,
         drop_last=True,
+        **loader_settings,
+    )
+    compile_views = args.compile_view_augmentation == "yes" or (
+        args.compile_view_augmentation == "auto" and accelerator.device.type == "cuda"
+    )
+    augmentation = ViewAugmentation(
+        ColorAugmentation(), config.image_mean, config.image_std, compile=compile_views
     )
     if not args.streaming and len(loader) == 0:
         raise SystemExit(
@@ -808,9 +930,10 @@ def train(args: argparse.Namespace) -> int:
         logger.info("resumed from %s at step %d", resume.path, completed_steps)
 
     logger.info(
-        "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es) on %s%s",
+        "pretraining on %s: %d steps, global batch %d, lr %.3g, %d process(es) on %s%s; %d DataLoader worker(s)%s",
         data_description, args.max_train_steps, global_batch, learning_rate, accelerator.num_processes,
         accelerator.device, f", {torch.get_num_threads()} threads each" if accelerator.device.type == "cpu" else "",
+        loader_settings["num_workers"], ", pinned memory" if loader_settings["pin_memory"] else "",
     )  # fmt: skip
     from tqdm.auto import tqdm
 
@@ -825,6 +948,7 @@ def train(args: argparse.Namespace) -> int:
     stop_reason, failure = None, None
     shown_images = figure_images(args, config, dataset) if accelerator.is_main_process else None
     epoch, micro_batches_in_step = start_epoch, 0
+    data_wait = DataWait()
     training_state.train()
     while completed_steps < args.max_train_steps and stop_reason is None:
         dataset.set_epoch(epoch)
@@ -832,13 +956,13 @@ def train(args: argparse.Namespace) -> int:
             loader.set_epoch(epoch)
         epoch_loader = accelerator.skip_first_batches(loader, skip_batches) if skip_batches else loader
         skip_batches = 0
-        for batch in epoch_loader:
+        for batch in data_wait.timed(epoch_loader):
             skipped_images.record(batch)
             # Each micro-batch of an accumulated step gets its own masks.
             micro_step = completed_steps * args.gradient_accumulation_steps + micro_batches_in_step
             micro_batches_in_step += 1
             generator = masking_generator(args.seed, micro_step, accelerator.process_index)
-            inputs = to_model_inputs(batch, config)
+            inputs = to_model_inputs(batch, config, augmentation)
             with accelerator.accumulate(model):
                 teacher_targets = None
                 if teacher is not None:
@@ -847,7 +971,7 @@ def train(args: argparse.Namespace) -> int:
                 outputs = model(
                     **inputs,
                     # Drawn here, not in forward, so that a compiled model holds no random number generator.
-                    mask_noise=unwrapped.draw_mask_noise(batch.get("global_views"), generator, accelerator.device),
+                    mask_noise=unwrapped.draw_mask_noise(inputs.get("global_views"), generator, accelerator.device),
                     teacher_targets=teacher_targets,
                 )
                 finite = torch.isfinite(outputs.loss.detach()).float()
@@ -861,10 +985,11 @@ def train(args: argparse.Namespace) -> int:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if shown_images is None and accelerator.is_main_process:
-                shown_images = batch["pixel_values"][:FIGURE_IMAGES].cpu()  # a stream: its first batch, kept
+                shown_images = main_images(batch)[:FIGURE_IMAGES].cpu()  # a stream: its first batch, kept
             if not accelerator.sync_gradients:
                 continue
             micro_batches_in_step = 0
+            data_wait.step_done()
             if teacher is not None:
                 teacher.update(unwrapped, teacher.momentum(completed_steps, args.max_train_steps))
             completed_steps += 1
@@ -875,15 +1000,27 @@ def train(args: argparse.Namespace) -> int:
                 seconds_per_step = (time.monotonic() - timed_from[0]) / timed_steps
                 remaining = seconds_per_step * (args.max_train_steps - completed_steps)
                 logger.info(
-                    "%.2f s per step: expected to finish training in %.1f min (at %s), then the final probes",
-                    seconds_per_step, remaining / 60, time.strftime("%H:%M:%S", time.localtime(time.time() + remaining)),
+                    "%.2f s per step (%.0f%% of it waiting for data): expected to finish training in %.1f min (at "
+                    "%s), then the final probes",
+                    seconds_per_step, 100 * data_wait.recent_fraction, remaining / 60,
+                    time.strftime("%H:%M:%S", time.localtime(time.time() + remaining)),
                 )  # fmt: skip
+                if data_wait.recent_fraction > STARVED_FRACTION:
+                    logger.warning(
+                        "the model waits for data %.0f%% of the time: raise --dataloader_num_workers (now %d)",
+                        100 * data_wait.recent_fraction, loader_settings["num_workers"],
+                    )  # fmt: skip
             names = ("loss", "reconstruction_loss", "clustering_loss", "mask_loss", "cls_loss", "koleo_loss")
             # One device-to-host copy for all parts.
             parts = dict(zip(names, torch.stack([getattr(outputs, name).detach().float() for name in names]).tolist()))
-            progress.set_postfix({name.replace("_loss", ""): f"{value:.3f}" for name, value in parts.items()})
+            postfix = {name.replace("_loss", ""): f"{value:.3f}" for name, value in parts.items()}
+            postfix["data_wait"] = f"{100 * data_wait.recent_fraction:.0f}%"
+            progress.set_postfix(postfix)
             if completed_steps % args.logging_steps == 0 and args.report_to != "none":
-                accelerator.log({**parts, "lr": scheduler.get_last_lr()[0]}, step=completed_steps)
+                accelerator.log(
+                    {**parts, "lr": scheduler.get_last_lr()[0], "data_wait_fraction": data_wait.recent_fraction},
+                    step=completed_steps,
+                )
             if args.checkpointing_steps and completed_steps % args.checkpointing_steps == 0:
                 try:
                     save_checkpoint(
@@ -959,6 +1096,8 @@ def train(args: argparse.Namespace) -> int:
             "device": str(accelerator.device),
             "cpu_threads": torch.get_num_threads() if accelerator.device.type == "cpu" else None,
             "skipped_images": skipped,
+            "dataloader_num_workers": loader_settings["num_workers"],
+            "data_wait_fraction": round(data_wait.total_fraction, 4),
             "probes": results,
         }
         # The model card, rendered from what this run was (stellar_hf.model_card.TrainingRun). Sizes, target and

@@ -5,15 +5,18 @@ Three parts, none of which the model files import (so the Hub copy of the model 
 1. **Synthetic scenes** (`SyntheticScenes`): a built-in, file-free dataset of shapes on textured
    backgrounds, each image a pure function of ``(seed, split, index)``. It is the default
    pretraining data of the examples and carries labels and instance masks for evaluation.
-2. **Views** (`MultiViewTransform`, `EvalTransform`, `normalize`): the pretraining views of spec
-   section 4 made from one image, with all randomness drawn from an explicit `torch.Generator`.
+2. **Views**: the pretraining views of spec section 4, with all randomness drawn from an explicit
+   `torch.Generator`, in two parts: `MultiViewCrops` (CPU, DataLoader workers: the draws and the
+   uint8 crops) and `ViewAugmentation` (the accelerator, the whole batch at once: colour jitter,
+   grayscale, blur, normalisation); `MultiViewTransform` is the per-view float32 reference of the
+   same views. `normalize` applies the model's statistics.
 3. **Loading** (`load_image_folder`, `load_hub_dataset`, `PretrainingDataset`,
    `StreamingPretrainingDataset`, `collate_views`): images from folders, the Hub or disk, made
    RGB, with unreadable files skipped and counted.
 
-Every tensor this module returns is on the [0, 1] scale, *unnormalised*: the reconstruction
-target is the unnormalised image, and the model takes ImageNet-normalised `pixel_values`, so the
-training loop (or the image processor) calls `normalize` once, just before the forward pass.
+`MultiViewTransform` and the loaders return tensors on the [0, 1] scale, *unnormalised*, and
+`MultiViewCrops` uint8 crops: the model takes ImageNet-normalised `pixel_values`, made once on the
+training device by `ViewAugmentation` (or `normalize`, or the image processor).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
@@ -46,13 +50,18 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "IMAGE_EXTENSIONS",
+    "COLOR_PARAMETERS",
+    "ColorAugmentation",
     "EvalTransform",
     "ImageFolder",
+    "MultiViewCrops",
     "MultiViewTransform",
     "PretrainingDataset",
     "StreamingPretrainingDataset",
     "SyntheticScenes",
     "SyntheticScenesConfig",
+    "ViewAugmentation",
+    "ViewDraws",
     "collate_views",
     "load_hub_dataset",
     "load_image_folder",
@@ -507,6 +516,19 @@ def _to_float_tensor(image: Any) -> torch.Tensor:
     return TF.pil_to_tensor(to_rgb(image)).float().div_(255.0)
 
 
+def _to_uint8_tensor(image: Any) -> torch.Tensor:
+    """(3, H, W) uint8 from a PIL image or a (3, H, W) uint8/float tensor (floats in [0, 1], rounded)."""
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"expected a (3, H, W) image tensor, got shape {tuple(image.shape)}")
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        if image.dtype == torch.uint8:
+            return image
+        return image.float().clamp(0, 1).mul(255).round_().to(torch.uint8)
+    return TF.pil_to_tensor(to_rgb(image))
+
+
 def _interpolation(mode: Union[str, InterpolationMode]) -> InterpolationMode:
     return mode if isinstance(mode, InterpolationMode) else InterpolationMode(mode)
 
@@ -570,30 +592,130 @@ def _crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-class MultiViewTransform:
-    """The pretraining views of one image (spec section 4), reproducible from a generator.
+# Columns of a view's colour parameters (`ColorAugmentation.parameters`), shared by both view paths.
+COLOR_JITTER = 0  # 1.0 when the view gets colour jitter
+COLOR_FACTORS = slice(1, 5)  # brightness, contrast, saturation factors and the hue shift
+COLOR_ORDER = slice(5, 9)  # the operation (0 brightness, 1 contrast, 2 saturation, 3 hue) at each of 4 positions
+COLOR_GRAY = 9  # 1.0 when the view is made grayscale
+COLOR_BLUR = 10  # 1.0 when the view is blurred
+COLOR_SIGMA = 11  # the blur's sigma
+COLOR_PARAMETERS = 12
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale.
+_LUMA = (0.2989, 0.587, 0.114)
 
-    From one image it makes M global views (random resized crop to `image_size`, scale
-    `global_scale`, horizontal flip) and K local views (crop to `local_image_size`, scale
-    `local_scale`, flip). Global view 0, uncoloured, is the **main image** x (reconstructed and
-    clustered). Every global view, view 0 included, and every local view then gets the original's
-    `random_color_blur`: colour jitter with p 0.8 (brightness 0.4, contrast 0.4, saturation 0.2,
-    hue 0.1, in a random order), grayscale with p 0.2, clamp to [0, 1], Gaussian blur with p 0.5
-    (kernel 9, sigma 0.1-2). So ``global_views[0]`` is the colour-augmented copy of the same crop
-    as ``pixel_values``, as in the original, where the model colours its global views itself.
 
-    Differences from the original, on purpose: each view gets its own colour parameters (the
-    original applies one torchvision v2 transform to the whole flattened batch of views, which
-    draws a single set of parameters for all of them); resizing is bicubic with antialiasing
-    (the original's kornia crops do not antialias); crops are clamped to [0, 1] like the original.
-    The original's dataset also computes a separate crop at scale 0.2-1 but returns global view 0
-    as the main image, so the main image here is global view 0 at `global_scale`, as there.
+@dataclass(frozen=True)
+class ColorAugmentation:
+    """The original's `random_color_blur` settings, and the per-view parameters drawn from them.
 
-    Randomness: all of it comes from one ``torch.rand`` call on the given generator (a fixed
-    number of uniforms per view), never from the global RNGs, so ``transform(image, seed=s)`` is a
-    pure function of ``(image, s)`` whatever process or worker runs it. `PretrainingDataset`
-    derives ``s`` from ``(seed, epoch, index)``. With neither `generator` nor `seed`, one seed is
-    drawn from the global torch RNG (like torchvision transforms).
+    Colour jitter with probability `jitter_p` (brightness, contrast and saturation factors uniform in
+    ``[1 - x, 1 + x]``, hue shift uniform in ``[-hue, hue]``, the four applied in a uniformly random order, as
+    torchvision's `ColorJitter`), then grayscale with probability `grayscale_p`, clamp to [0, 1], then Gaussian blur
+    with probability `blur_p` (kernel `blur_kernel_size`, sigma uniform in `blur_sigma`).
+
+    `parameters` turns a view's uniforms into its parameters; both view paths read them, so the per-view reference
+    (`MultiViewTransform`) and the batched device path (`MultiViewCrops` + `ViewAugmentation`) colour a view alike.
+    """
+
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_kernel_size: int = 9
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+
+    def __post_init__(self):
+        for name in ("jitter_p", "grayscale_p", "blur_p"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1] (factors in [1 - {name}, 1 + {name}]), got {value}")
+        if not 0 <= self.hue <= 0.5:
+            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+        if self.blur_kernel_size < 1 or self.blur_kernel_size % 2 != 1:
+            raise ValueError(f"blur_kernel_size must be odd and positive, got {self.blur_kernel_size}")
+        low, high = self.blur_sigma
+        if not 0 < low <= high:
+            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {self.blur_sigma}")
+        object.__setattr__(self, "blur_sigma", (float(low), float(high)))
+
+    @property
+    def strengths(self) -> tuple[float, float, float, float]:
+        """Brightness, contrast, saturation and hue strengths; an operation of strength 0 is skipped."""
+        return (self.brightness, self.contrast, self.saturation, self.hue)
+
+    def parameters(self, uniforms: torch.Tensor) -> torch.Tensor:
+        """Each view's colour parameters from its row of uniforms.
+
+        Args:
+            uniforms: (V, _SLOTS_PER_VIEW) float64 in [0, 1), the views' draws (see `MultiViewCrops.draw`).
+        Returns:
+            (V, COLOR_PARAMETERS) float32: columns `COLOR_JITTER`, `COLOR_FACTORS`, `COLOR_ORDER`, `COLOR_GRAY`,
+            `COLOR_BLUR`, `COLOR_SIGMA` (flags are 0.0 / 1.0, the order holds operation numbers as floats).
+        """
+        parameters = torch.zeros(uniforms.shape[0], COLOR_PARAMETERS, dtype=torch.float64)
+        parameters[:, COLOR_JITTER] = (uniforms[:, _SLOT_JITTER] < self.jitter_p).double()
+        factors = 2 * uniforms[:, _SLOT_FACTORS : _SLOT_FACTORS + 4] - 1
+        strengths = torch.tensor(self.strengths, dtype=torch.float64)
+        parameters[:, COLOR_FACTORS] = factors * strengths + torch.tensor((1.0, 1.0, 1.0, 0.0), dtype=torch.float64)
+        # A uniformly random order of the four operations, as ColorJitter's randperm(4).
+        parameters[:, COLOR_ORDER] = uniforms[:, _SLOT_ORDER : _SLOT_ORDER + 4].argsort(dim=1).double()
+        parameters[:, COLOR_GRAY] = (uniforms[:, _SLOT_GRAY] < self.grayscale_p).double()
+        parameters[:, COLOR_BLUR] = (uniforms[:, _SLOT_BLUR] < self.blur_p).double()
+        low, high = self.blur_sigma
+        parameters[:, COLOR_SIGMA] = low + (high - low) * uniforms[:, _SLOT_SIGMA]
+        return parameters.float()
+
+
+def _check_view_settings(num_global_views, num_local_views, global_scale, local_scale, ratio) -> None:
+    if num_global_views < 1:
+        raise ValueError(f"num_global_views must be >= 1 (view 0 is the main image), got {num_global_views}")
+    if num_local_views < 0:
+        raise ValueError(f"num_local_views must be >= 0, got {num_local_views}")
+    for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+    if not 0 < ratio[0] <= ratio[1]:
+        raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
+
+
+@dataclass
+class ViewDraws:
+    """Everything random about one image's views, drawn once (`MultiViewCrops.draw`).
+
+    Attributes:
+        boxes: (V, 4) int64 crop boxes ``(top, left, height, width)`` in input pixels, global views first.
+        flips: (V,) bool, horizontal flips.
+        color_parameters: (V, COLOR_PARAMETERS) float32 (`ColorAugmentation.parameters`).
+    """
+
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    color_parameters: torch.Tensor
+
+
+class MultiViewCrops:
+    """The CPU part of the pretraining views (spec section 4): crops in uint8, colour left to the device.
+
+    From one image it draws every view's randomness (`draw`) and makes M global crops (random resized crop to
+    `image_size`, scale `global_scale`, horizontal flip) and K local crops (`local_image_size`, `local_scale`, flip),
+    resized **in uint8** (torchvision's vectorised bicubic, antialiased: about 3x faster than on float32, and a
+    quarter of the bytes to move). Global crop 0 is the **main image** x. The colour parameters of every view are
+    drawn here too and travel with the crops, so `ViewAugmentation` colours the whole batch at once on the
+    accelerator while each view stays a pure function of ``(image, seed)``, whatever the batch, worker or process.
+
+    `MultiViewTransform` is the per-view float32 reference of the same views (same draws; pixels differ only by the
+    uint8 resize's rounding).
+
+    Randomness: one ``torch.rand`` call on the given generator (a fixed number of uniforms per view), never the
+    global RNGs. `PretrainingDataset` seeds it from ``(seed, epoch, index)``. With neither `generator` nor `seed`,
+    one seed is drawn from the global torch RNG (like torchvision transforms).
 
     Args:
         image_size: side of the main image and global views.
@@ -603,13 +725,119 @@ class MultiViewTransform:
         global_scale, local_scale: crop area ranges as fractions of the image.
         ratio: crop aspect-ratio range.
         flip_p: probability of a horizontal flip per view.
-        color_augment: False skips the colour/grayscale/blur step (global views are then plain crops).
-        color_jitter_p, brightness, contrast, saturation, hue, grayscale_p, blur_p,
-        blur_kernel_size, blur_sigma: the `random_color_blur` parameters.
+        color: the `ColorAugmentation` whose parameters are drawn (the device applies them).
         interpolation: resize mode for the crops.
 
-    Call: ``transform(image, generator=None, seed=None)`` with a PIL image or a (3, H, W) tensor
-    (uint8, or float in [0, 1]). Returns a dict:
+    Call: ``crops(image, generator=None, seed=None)`` with a PIL image or a (3, H, W) tensor (uint8, or float in
+    [0, 1]). Returns a dict:
+        - ``global_crops``: (M, 3, S, S) uint8; ``[0]`` is the main image.
+        - ``local_crops``: (K, 3, s, s) uint8.
+        - ``view_parameters``: (M + K, COLOR_PARAMETERS) float32, global views first.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        num_global_views: int = 8,
+        num_local_views: int = 8,
+        local_image_size: int = 96,
+        global_scale: tuple[float, float] = (0.36, 1.0),
+        local_scale: tuple[float, float] = (0.06, 0.36),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        color: Optional[ColorAugmentation] = None,
+        interpolation: Union[str, InterpolationMode] = "bicubic",
+    ):
+        _check_view_settings(num_global_views, num_local_views, global_scale, local_scale, ratio)
+        self.image_size = int(image_size)
+        self.num_global_views = int(num_global_views)
+        self.num_local_views = int(num_local_views)
+        self.local_image_size = int(local_image_size)
+        self.global_scale = tuple(global_scale)
+        self.local_scale = tuple(local_scale)
+        self.ratio = tuple(ratio)
+        self.flip_p = flip_p
+        self.color = ColorAugmentation() if color is None else color
+        self.interpolation = _interpolation(interpolation)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(image_size={self.image_size}, num_global_views={self.num_global_views}, "
+            f"num_local_views={self.num_local_views}, local_image_size={self.local_image_size}, "
+            f"global_scale={self.global_scale}, local_scale={self.local_scale})"
+        )
+
+    @property
+    def num_views(self) -> int:
+        return self.num_global_views + self.num_local_views
+
+    def draw(self, height: int, width: int, generator: torch.Generator) -> ViewDraws:
+        """All views' randomness for an image of `height` x `width` pixels, from one draw on `generator`."""
+        # Rows: global views, then local views; a fixed number of uniforms per view, so the parameters of view k
+        # never depend on the other views.
+        uniforms = torch.rand((self.num_views, _SLOTS_PER_VIEW), generator=generator, dtype=torch.float64)
+        rows = uniforms.tolist()
+        boxes = [
+            _crop_box(height, width, row, self.global_scale if k < self.num_global_views else self.local_scale, self.ratio)
+            for k, row in enumerate(rows)
+        ]
+        return ViewDraws(
+            boxes=torch.tensor(boxes, dtype=torch.long).reshape(self.num_views, 4),
+            flips=uniforms[:, _SLOT_FLIP] < self.flip_p,
+            color_parameters=self.color.parameters(uniforms),
+        )
+
+    def _size_of(self, view: int) -> int:
+        return self.image_size if view < self.num_global_views else self.local_image_size
+
+    def crop(self, image: torch.Tensor, draws: ViewDraws, view: int) -> torch.Tensor:
+        """(3, H, W) -> (3, s, s) of the same dtype: view `view`'s resized crop and flip (clamped for floats)."""
+        top, left, height, width = draws.boxes[view].tolist()
+        size = self._size_of(view)
+        crop = TF.resized_crop(image, top, left, height, width, [size, size], self.interpolation, antialias=True)
+        if draws.flips[view]:
+            crop = TF.hflip(crop)
+        # Bicubic overshoots; the original clamps its crops too (uint8 results are clamped by the cast).
+        return crop.clamp_(0.0, 1.0) if crop.is_floating_point() else crop
+
+    def __call__(
+        self, image: Any, generator: Optional[torch.Generator] = None, seed: Optional[int] = None
+    ) -> dict[str, torch.Tensor]:
+        image = _to_uint8_tensor(image)
+        draws = self.draw(image.shape[-2], image.shape[-1], _generator_for(generator, seed))
+        crops = [self.crop(image, draws, view) for view in range(self.num_views)]
+        local_shape = (0, 3, self.local_image_size, self.local_image_size)
+        local = crops[self.num_global_views :]
+        return {
+            "global_crops": torch.stack(crops[: self.num_global_views]),
+            "local_crops": torch.stack(local) if local else torch.zeros(local_shape, dtype=torch.uint8),
+            "view_parameters": draws.color_parameters,
+        }
+
+
+class MultiViewTransform(MultiViewCrops):
+    """The pretraining views of one image, per view and in float32: the reference for `MultiViewCrops` + `ViewAugmentation`.
+
+    The same views as the batched path (the same `draw`: crop boxes, flips and colour parameters), made one at a
+    time on float32 tensors with torchvision's functional ops, as the data pipeline did before the views moved to the
+    accelerator; kept for the equivalence test, the benchmark (`benchmarks/data_pipeline.py`) and users of its
+    output format. About 35 ms per image at the recipe on one core against ~5 ms for `MultiViewCrops`.
+
+    Every global view, view 0 included, and every local view gets the original's `random_color_blur`
+    (`ColorAugmentation`); the main image (global crop 0) does not. So ``global_views[0]`` is the colour-augmented
+    copy of the same crop as ``pixel_values``, as in the original, where the model colours its global views itself.
+
+    Differences from the original, on purpose: each view gets its own colour parameters (the original applies one
+    torchvision v2 transform to the whole flattened batch of views, which draws a single set of parameters for all
+    of them); resizing is bicubic with antialiasing (the original's kornia crops do not antialias); crops are clamped
+    to [0, 1] like the original. The original's dataset also computes a separate crop at scale 0.2-1 but returns
+    global view 0 as the main image, so the main image here is global view 0 at `global_scale`, as there.
+
+    Args: as `MultiViewCrops`, with the colour settings spelled out (`color_jitter_p`, `brightness`, `contrast`,
+    `saturation`, `hue`, `grayscale_p`, `blur_p`, `blur_kernel_size`, `blur_sigma`; see `ColorAugmentation`), and
+    `color_augment`: False skips the colour/grayscale/blur step (global views are then plain crops).
+
+    Call: ``transform(image, generator=None, seed=None)``. Returns a dict:
         - ``pixel_values``: (3, S, S) float32 in [0, 1], the main image, not colour-augmented.
         - ``global_views``: (M, 3, S, S) float32 in [0, 1], colour-augmented.
         - ``local_views``: (K, 3, s, s) float32 in [0, 1], colour-augmented.
@@ -638,143 +866,257 @@ class MultiViewTransform:
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         interpolation: Union[str, InterpolationMode] = "bicubic",
     ):
-        if num_global_views < 1:
-            raise ValueError(f"num_global_views must be >= 1 (view 0 is the main image), got {num_global_views}")
-        if num_local_views < 0:
-            raise ValueError(f"num_local_views must be >= 0, got {num_local_views}")
-        for name, (low, high) in (("global_scale", global_scale), ("local_scale", local_scale)):
-            if not 0 < low <= high <= 1:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
-        if not 0 < ratio[0] <= ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {hue}")
-        if blur_kernel_size % 2 != 1:
-            raise ValueError(f"blur_kernel_size must be odd, got {blur_kernel_size}")
-        self.image_size = int(image_size)
-        self.num_global_views = int(num_global_views)
-        self.num_local_views = int(num_local_views)
-        self.local_image_size = int(local_image_size)
-        self.global_scale = tuple(global_scale)
-        self.local_scale = tuple(local_scale)
-        self.ratio = tuple(ratio)
-        self.flip_p = flip_p
+        color = ColorAugmentation(
+            color_jitter_p, brightness, contrast, saturation, hue, grayscale_p, blur_p, blur_kernel_size, blur_sigma
+        )
+        super().__init__(
+            image_size, num_global_views, num_local_views, local_image_size, global_scale, local_scale, ratio, flip_p,
+            color, interpolation,
+        )  # fmt: skip
         self.color_augment = color_augment
-        self.color_jitter_p = color_jitter_p
-        self.brightness = brightness
-        self.contrast = contrast
-        self.saturation = saturation
-        self.hue = hue
-        self.grayscale_p = grayscale_p
-        self.blur_p = blur_p
-        self.blur_kernel_size = blur_kernel_size
-        self.blur_sigma = tuple(blur_sigma)
-        self.interpolation = _interpolation(interpolation)
 
     def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(image_size={self.image_size}, num_global_views={self.num_global_views}, "
-            f"num_local_views={self.num_local_views}, local_image_size={self.local_image_size}, "
-            f"global_scale={self.global_scale}, local_scale={self.local_scale}, color_augment={self.color_augment})"
-        )
+        return super().__repr__()[:-1] + f", color_augment={self.color_augment})"
 
-    def _crop(self, image: torch.Tensor, u: Sequence[float], scale, size: int) -> torch.Tensor:
-        """(3, H, W) → (3, size, size): random resized crop, optional flip, clamp to [0, 1]."""
-        top, left, h, w = _crop_box(image.shape[-2], image.shape[-1], u, scale, self.ratio)
-        view = TF.resized_crop(image, top, left, h, w, [size, size], interpolation=self.interpolation, antialias=True)
-        if u[_SLOT_FLIP] < self.flip_p:
-            view = TF.hflip(view)
-        # Bicubic overshoots; the original clamps its crops too.
-        return view.clamp_(0.0, 1.0)
-
-    def _color(self, view: torch.Tensor, u: Sequence[float]) -> torch.Tensor:
-        """The original's `random_color_blur` on one (3, s, s) view, parameters from `u`."""
-        if u[_SLOT_JITTER] < self.color_jitter_p:
-            f = u[_SLOT_FACTORS : _SLOT_FACTORS + 4]
-            factors = (
-                1 + self.brightness * (2 * f[0] - 1),
-                1 + self.contrast * (2 * f[1] - 1),
-                1 + self.saturation * (2 * f[2] - 1),
-                self.hue * (2 * f[3] - 1),
-            )
-            # A uniformly random order of the four operations, as ColorJitter's randperm(4).
-            order = sorted(range(4), key=lambda k: u[_SLOT_ORDER + k])
-            for op in order:
-                if op == 0 and self.brightness > 0:
-                    view = TF.adjust_brightness(view, factors[0])
-                elif op == 1 and self.contrast > 0:
-                    view = TF.adjust_contrast(view, factors[1])
-                elif op == 2 and self.saturation > 0:
-                    view = TF.adjust_saturation(view, factors[2])
-                elif op == 3 and self.hue > 0:
-                    view = TF.adjust_hue(view, factors[3])
-        if u[_SLOT_GRAY] < self.grayscale_p:
+    def color_view(self, view: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """`ColorAugmentation` on one (3, s, s) float view in [0, 1], with its (COLOR_PARAMETERS,) parameters."""
+        values = parameters.tolist()
+        if values[COLOR_JITTER]:
+            factors = values[COLOR_FACTORS]
+            operations = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+            for operation in values[COLOR_ORDER]:
+                operation = int(operation)
+                if self.color.strengths[operation] > 0:
+                    view = operations[operation](view, factors[operation])
+        if values[COLOR_GRAY]:
             view = TF.rgb_to_grayscale(view, num_output_channels=3)
         view = view.clamp(0.0, 1.0)
-        if u[_SLOT_BLUR] < self.blur_p:
-            low, high = self.blur_sigma
-            sigma = low + (high - low) * u[_SLOT_SIGMA]
-            view = TF.gaussian_blur(view, [self.blur_kernel_size] * 2, [sigma, sigma])
+        if values[COLOR_BLUR]:
+            sigma = values[COLOR_SIGMA]
+            view = TF.gaussian_blur(view, [self.color.blur_kernel_size] * 2, [sigma, sigma])
         return view
 
     def __call__(
         self, image: Any, generator: Optional[torch.Generator] = None, seed: Optional[int] = None
     ) -> dict[str, torch.Tensor]:
         image = _to_float_tensor(image)
-        generator = _generator_for(generator, seed)
-        num_views = self.num_global_views + self.num_local_views
-        # One draw for everything (rows: global views, then local views): fast, and the
-        # parameters of view k never depend on the other views.
-        uniforms = torch.rand((num_views, _SLOTS_PER_VIEW), generator=generator, dtype=torch.float64).tolist()
-        global_crops = [
-            self._crop(image, uniforms[k], self.global_scale, self.image_size) for k in range(self.num_global_views)
-        ]
-        local_crops = [
-            self._crop(image, uniforms[self.num_global_views + k], self.local_scale, self.local_image_size)
-            for k in range(self.num_local_views)
-        ]
+        draws = self.draw(image.shape[-2], image.shape[-1], _generator_for(generator, seed))
+        crops = [self.crop(image, draws, view) for view in range(self.num_views)]
         if self.color_augment:
-            global_views = [self._color(v, uniforms[k]) for k, v in enumerate(global_crops)]
-            local_views = [self._color(v, uniforms[self.num_global_views + k]) for k, v in enumerate(local_crops)]
+            views = [self.color_view(crop, draws.color_parameters[k]) for k, crop in enumerate(crops)]
         else:
-            global_views, local_views = [v.clone() for v in global_crops], local_crops
+            views = [crop.clone() for crop in crops]
         local_shape = (0, 3, self.local_image_size, self.local_image_size)
+        local = views[self.num_global_views :]
         return {
-            "pixel_values": global_crops[0],
-            "global_views": torch.stack(global_views),
-            "local_views": torch.stack(local_views) if local_views else torch.zeros(local_shape),
+            "pixel_values": crops[0],
+            "global_views": torch.stack(views[: self.num_global_views]),
+            "local_views": torch.stack(local) if local else torch.zeros(local_shape),
         }
 
 
-class EvalTransform:
-    """Deterministic evaluation preprocessing: resize the shorter side, centre crop, [0, 1] tensor.
+def _grayscale(views: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) -> (n, 1, h, w) luma."""
+    red, green, blue = views.unbind(1)
+    return (red * _LUMA[0]).add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2]).unsqueeze(1)
 
-    As the original's validation transform: shorter side to `resize_size` (bicubic, default
-    ``int(image_size * 256 / 224)``), centre crop `image_size`, clamp to [0, 1] (bicubic
-    overshoots). Not normalised; see `normalize`.
 
-    Call: ``transform(image)`` with a PIL image or a (3, H, W) tensor. Returns a (3, S, S) float32 tensor.
+def _adjust_brightness(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Scale (n, 3, h, w) views in [0, 1] by `factors` (n,), clamped, as torchvision's adjust_brightness. In place."""
+    return views.mul_(factors.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+
+
+def _adjust_contrast(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend each view with its mean luma by `factors`, clamped, as torchvision's adjust_contrast. In place."""
+    # The mean of the luma image is the luma of the channel means: no full-size grayscale image needed.
+    mean_luma = views.mean((-2, -1)) @ torch.tensor(_LUMA, dtype=views.dtype, device=views.device)
+    offsets = (mean_luma * (1.0 - factors)).view(-1, 1, 1, 1)
+    return views.mul_(factors.view(-1, 1, 1, 1)).add_(offsets).clamp_(0.0, 1.0)
+
+
+def _adjust_saturation(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Blend each view with its own luma image by `factors`, clamped, as torchvision's adjust_saturation. In place."""
+    gray = _grayscale(views).mul_((1.0 - factors).view(-1, 1, 1, 1))
+    return views.mul_(factors.view(-1, 1, 1, 1)).add_(gray).clamp_(0.0, 1.0)
+
+
+def _adjust_hue(views: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` (n,) turns, through HSV as torchvision does.
+
+    HSV -> RGB uses the closed form ``channel = v - chroma * clamp(min(k, 4 - k), 0, 1)`` with
+    ``k = (m + 6 * hue) mod 6`` and m = 5, 3, 1 for red, green, blue: the same values as torchvision's six-sector
+    table in a few elementwise passes. Returns a new tensor.
+    """
+    red, green, blue = views.unbind(1)
+    # Elementwise over the three planes: much faster than a reduction across the channel dimension.
+    value = torch.maximum(torch.maximum(red, green), blue)
+    chroma = value - torch.minimum(torch.minimum(red, green), blue)
+    divisor = torch.where(chroma > 0, chroma, 1.0)
+    # Hue in sixths of a turn, in [-1, 5): red sector, green sector, blue sector.
+    hue = torch.where(
+        value == red,
+        green - blue,
+        torch.where(value == green, (blue - red).add_(divisor, alpha=2.0), (red - green).add_(divisor, alpha=4.0)),
+    ).div_(divisor)
+    hue = hue.add_((6.0 * shifts).view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
+    sectors = torch.tensor((5.0, 3.0, 1.0), dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
+    k = (hue + sectors).remainder_(6.0)
+    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return weight.mul_(chroma.unsqueeze(1).neg()).add_(value.unsqueeze(1))
+
+
+def _gaussian_blur(views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Blur each of the (n, 3, h, w) views with its own sigma: two 1-D depthwise passes, reflect padding (the 2-D
+    kernel torchvision uses is their outer product)."""
+    n, channels, height, width = views.shape
+    radius = kernel_size // 2
+    positions = torch.arange(-radius, radius + 1, dtype=views.dtype, device=views.device)
+    kernels = torch.exp(-0.5 * (positions / sigmas.view(-1, 1)) ** 2)
+    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (n * 3, k)
+    planes = views.reshape(1, n * channels, height, width)
+    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernels.view(-1, 1, 1, kernel_size),
+                      groups=n * channels)  # fmt: skip
+    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernels.view(-1, 1, kernel_size, 1),
+                      groups=n * channels)  # fmt: skip
+    return planes.view(n, channels, height, width)
+
+
+# Colour jitter's operations, numbered as in `COLOR_ORDER`.
+_JITTER_OPERATIONS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+
+
+class ViewAugmentation:
+    """The device part of the pretraining views: one batched colour augmentation of every view, then normalisation.
+
+    Takes a batch of `MultiViewCrops` items (after `collate_views`, on the accelerator) and applies each view's
+    `ColorAugmentation` with its own parameters, without a Python loop over views: for each of the four jitter
+    positions and each operation, the views that apply it at that position are gathered and done together; grayscale
+    is one masked select; the blur is a depthwise convolution with one kernel per view. Views of the same size form
+    one batch (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`.
+
+    The decisions (which views get which operation) are read from a host copy of ``view_parameters``, so the device
+    sees one small transfer and no synchronisation per operation.
+
+    Args:
+        color: the settings the parameters were drawn with (only the blur kernel size and which strengths are zero
+            are read here); None skips colour augmentation (views are the normalised crops).
+        image_mean, image_std: the model's normalisation (`config.image_mean`, `config.image_std`).
+        compile: `torch.compile` each operation (on CUDA they fuse into a few kernels each; the first batch then
+            takes the compile time, ~10-60 s).
+
+    Call: ``augment(batch)`` with ``global_crops`` (B, M, 3, S, S) uint8, ``local_crops`` (B, K, 3, s, s) uint8 and
+    ``view_parameters`` (B, M + K, COLOR_PARAMETERS), all on one device. Returns the model's inputs on that device,
+    float32 and normalised: ``pixel_values`` (B, 3, S, S) (global crop 0, not coloured), ``global_views``
+    (B, M, 3, S, S) and ``local_views`` (B, K, 3, s, s).
     """
 
     def __init__(
         self,
-        image_size: int = 224,
-        resize_size: Optional[int] = None,
-        interpolation: Union[str, InterpolationMode] = "bicubic",
+        color: Optional[ColorAugmentation] = ColorAugmentation(),
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        compile: bool = False,
     ):
+        self.color = color
+        self.image_mean = tuple(image_mean)
+        self.image_std = tuple(image_std)
+        self.compile = compile
+        self._jitter, self._blur = _JITTER_OPERATIONS, _gaussian_blur
+        if compile:
+            # Each operation fuses into a few kernels; shapes vary with how many views take an operation.
+            self._jitter = tuple(torch.compile(operation, dynamic=True) for operation in _JITTER_OPERATIONS)
+            self._blur = torch.compile(_gaussian_blur, dynamic=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(color={self.color}, image_mean={self.image_mean}, image_std={self.image_std}, "
+            f"compile={self.compile})"
+        )
+
+    def color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor."""
+        views = views.clone()
+        if self.color is None or views.shape[0] == 0:
+            return views
+        host = parameters.detach().to("cpu", torch.float64)
+        device = views.device
+
+        def where(selected: torch.Tensor) -> torch.Tensor | None:
+            index = selected.nonzero().flatten()
+            return index.to(device, non_blocking=True) if index.numel() else None
+
+        factors = parameters[:, COLOR_FACTORS].to(device, views.dtype)
+        jitter = host[:, COLOR_JITTER] > 0.5
+        order = host[:, COLOR_ORDER].long()
+        for position in range(4):
+            for operation, apply in enumerate(self._jitter):
+                index = None if self.color.strengths[operation] == 0 else where(jitter & (order[:, position] == operation))
+                if index is not None:
+                    views[index] = apply(views[index], factors[index, operation])
+        gray = where(host[:, COLOR_GRAY] > 0.5)
+        if gray is not None:
+            views[gray] = _grayscale(views[gray]).expand(-1, 3, -1, -1)
+        views.clamp_(0.0, 1.0)
+        blur = where(host[:, COLOR_BLUR] > 0.5)
+        if blur is not None:
+            sigmas = parameters[:, COLOR_SIGMA].to(device, views.dtype)[blur]
+            views[blur] = self._blur(views[blur], sigmas, self.color.blur_kernel_size)
+        return views
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        global_crops, local_crops = batch["global_crops"], batch["local_crops"]
+        parameters = batch["view_parameters"]
+        num_global = global_crops.shape[1]
+        inputs = {"pixel_values": normalize_images(global_crops[:, 0], self.image_mean, self.image_std)}
+        for key, crops, view_parameters in (
+            ("global_views", global_crops, parameters[:, :num_global]),
+            ("local_views", local_crops, parameters[:, num_global:]),
+        ):
+            flat = crops.flatten(0, 1).float().div_(255.0)
+            colored = self.color_views(flat, view_parameters.flatten(0, 1))
+            inputs[key] = normalize_images(colored, self.image_mean, self.image_std).view(crops.shape)
+        return inputs
+
+
+class EvalTransform:
+    """Deprecated: the image processor does this (`StellarImageProcessor`, with ``do_normalize=False`` for [0, 1]
+    pixels); `stellar_hf.evaluation.probe_processor(config)` is the probes' one.
+
+    Resize the shorter side to `resize_size` (bicubic, default ``int(image_size * 256 / 224)``), centre crop
+    `image_size`, pixels on the [0, 1] scale, not normalised: a `StellarImageProcessor` with those settings.
+
+    Call: ``transform(image)`` with a PIL image or a (3, H, W) tensor. Returns a (3, S, S) float32 tensor.
+    """
+
+    def __init__(self, image_size: int = 224, resize_size: Optional[int] = None, interpolation: Any = "bicubic"):
+        import warnings
+
+        warnings.warn(
+            "stellar_hf.data.EvalTransform is deprecated: use StellarImageProcessor(size={'shortest_edge': R}, "
+            "crop_size={'height': S, 'width': S}) (do_normalize=False for [0, 1] pixels), or "
+            "stellar_hf.evaluation.probe_processor(config)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        from .image_processing_stellar import StellarImageProcessor
+
         self.image_size = int(image_size)
         self.resize_size = evaluation_resize(image_size) if resize_size is None else int(resize_size)
         if self.resize_size < self.image_size:
             raise ValueError(f"resize_size ({self.resize_size}) must be >= image_size ({self.image_size})")
-        self.interpolation = _interpolation(interpolation)
+        if _interpolation(interpolation) != InterpolationMode.BICUBIC:
+            raise ValueError(f"EvalTransform resizes bicubic only (as the image processor), got {interpolation!r}")
+        self.processor = StellarImageProcessor(
+            size={"shortest_edge": self.resize_size},
+            crop_size={"height": self.image_size, "width": self.image_size},
+            do_normalize=False,
+        )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, resize_size={self.resize_size})"
 
     def __call__(self, image: Any) -> torch.Tensor:
-        image = _to_float_tensor(image)
-        image = TF.resize(image, [self.resize_size], interpolation=self.interpolation, antialias=True)
-        return TF.center_crop(image, [self.image_size, self.image_size]).clamp_(0.0, 1.0)
+        return self.processor(_to_uint8_tensor(image), return_tensors="pt")["pixel_values"][0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -913,6 +1255,20 @@ def load_hub_dataset(
     return dataset
 
 
+class _SharedEpoch:
+    """An epoch number in shared memory: DataLoader workers (persistent ones included, forked or spawned) read the
+    value the main process set last, so `set_epoch` reaches them without restarting them."""
+
+    def __init__(self):
+        self._value = torch.zeros((), dtype=torch.long).share_memory_()
+
+    def get(self) -> int:
+        return int(self._value)
+
+    def set(self, epoch: int) -> None:
+        self._value.fill_(int(epoch))
+
+
 def _transform_takes_generator(transform: Callable) -> bool:
     try:
         return "generator" in inspect.signature(transform).parameters
@@ -997,9 +1353,8 @@ class PretrainingDataset(Dataset):
     substituted for, so the training loop can count them whatever the worker count (`collate_views`
     keeps the names). Raises ValueError for an empty source, or when no image can be read.
 
-    `set_epoch` changes the views; DataLoader workers see it when they start, so call it before
-    each epoch's `iter(loader)` and do not use ``persistent_workers=True`` (whose workers keep
-    their old copy of the dataset).
+    `set_epoch` changes the views; call it before each epoch's `iter(loader)`. The epoch lives in
+    shared memory, so persistent DataLoader workers (``persistent_workers=True``) see it too.
     """
 
     def __init__(
@@ -1017,7 +1372,7 @@ class PretrainingDataset(Dataset):
         self.image_column = image_column
         self.label_column = label_column
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = _SharedEpoch()
         self.skipped_indices: set[int] = set()
         self._skipped_names: dict[int, str] = {}
         self._takes_generator = _transform_takes_generator(transform)
@@ -1030,9 +1385,13 @@ class PretrainingDataset(Dataset):
         """How many distinct unreadable images this process has met so far."""
         return len(self.skipped_indices)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
-        """Draw fresh views for a new epoch (call on every rank, before iterating)."""
-        self.epoch = int(epoch)
+        """Draw fresh views for a new epoch (call on every rank, before iterating; workers see it at once)."""
+        self._epoch.set(epoch)
 
     def _file_name(self, index: int, raw: Any = None) -> str:
         paths = getattr(self.source, "paths", None)
@@ -1101,13 +1460,17 @@ class StreamingPretrainingDataset(IterableDataset):
         self.image_column = image_column
         self.label_column = label_column
         self.seed = int(seed)
-        self.epoch = 0
+        self._epoch = _SharedEpoch()
         self.num_skipped = 0
         self._takes_generator = _transform_takes_generator(transform)
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
     def set_epoch(self, epoch: int) -> None:
         """New views (and, for `datasets`, a new shuffle order) for a new epoch."""
-        self.epoch = int(epoch)
+        self._epoch.set(epoch)
         if hasattr(self.source, "set_epoch"):
             self.source.set_epoch(epoch)
 
@@ -1142,24 +1505,30 @@ class StreamingPretrainingDataset(IterableDataset):
             raise ValueError(f"none of the {self.num_skipped} images this worker read could be decoded")
 
 
-_STACKED_KEYS = ("pixel_values", "global_views", "local_views")
+_STACKED_KEYS = ("pixel_values", "global_views", "local_views", "global_crops", "local_crops", "view_parameters")
+# What each kind of item must hold: `MultiViewTransform`-style views, or `MultiViewCrops`' uint8 crops.
+_REQUIRED_KEYS = (("pixel_values",), ("global_crops", "local_crops", "view_parameters"))
 
 
 def collate_views(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     """Stack per-image view dicts into a batch.
 
     Args:
-        batch: items of `PretrainingDataset` (or any dicts with ``pixel_values``).
+        batch: items of `PretrainingDataset`: `MultiViewCrops` items (uint8 crops + colour parameters, for
+            `ViewAugmentation`), `MultiViewTransform` items, or any dicts with ``pixel_values``.
     Returns:
-        ``pixel_values`` (B, 3, S, S); ``global_views`` (B, M, 3, S, S) and ``local_views``
-        (B, K, 3, s, s) when the items have them; ``labels`` (B,) int64 when every item has one;
-        ``skipped_images`` when some items stand in for unreadable images: one list of names per
-        such item.
+        Each item key stacked: ``global_crops`` (B, M, 3, S, S) uint8, ``local_crops`` (B, K, 3, s, s) uint8 and
+        ``view_parameters`` (B, M + K, COLOR_PARAMETERS); or ``pixel_values`` (B, 3, S, S), ``global_views``
+        (B, M, 3, S, S) and ``local_views`` (B, K, 3, s, s). Also ``labels`` (B,) int64 when every item has one, and
+        ``skipped_images`` when some items stand in for unreadable images: one list of names per such item.
     """
     if not batch:
         raise ValueError("cannot collate an empty batch")
-    if "pixel_values" not in batch[0]:
-        raise KeyError(f"items need 'pixel_values', got keys {sorted(batch[0])}")
+    if not any(all(key in batch[0] for key in keys) for keys in _REQUIRED_KEYS):
+        raise KeyError(
+            f"items need 'pixel_values' (or 'global_crops', 'local_crops' and 'view_parameters'), got keys "
+            f"{sorted(batch[0])}"
+        )
     output = {key: torch.stack([item[key] for item in batch]) for key in _STACKED_KEYS if key in batch[0]}
     if all(item.get("labels") is not None for item in batch):
         output["labels"] = torch.tensor([int(item["labels"]) for item in batch], dtype=torch.long)

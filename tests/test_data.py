@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import InterpolationMode
 
+from stellar_hf import StellarImageProcessor
 from stellar_hf.data import (
     CLASS_NAMES,
     COLOR_NAMES,
@@ -200,17 +201,27 @@ def test_colour_augmentation_rates():
     assert 0.1 < gray / total < 0.3
 
 
-def test_eval_transform_and_normalize():
+def test_deprecated_eval_transform_is_the_image_processor():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
-    out = EvalTransform(32)(image)
+    with pytest.warns(FutureWarning, match="StellarImageProcessor"):
+        transform = EvalTransform(32)
+    out = transform(image)
     assert out.shape == (3, 32, 32) and out.min() >= 0 and out.max() <= 1
-    assert EvalTransform(224).resize_size == 256
-    # The centre crop of the shorter-side resize.
+    processor = StellarImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32})
+    expected = processor(image, do_normalize=False, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(out, expected)
+    with pytest.warns(FutureWarning):
+        assert EvalTransform(224).resize_size == 256
+    # Close to the float resize it replaced: uint8 resizing rounds each step to a grey level (on this uniform noise,
+    # the worst case for rounding, 5 levels at most).
     resized = TF.resize(TF.pil_to_tensor(image).float() / 255, [36], interpolation=InterpolationMode.BICUBIC)
-    torch.testing.assert_close(out, TF.center_crop(resized, [32, 32]).clamp(0, 1))
-    with pytest.raises(ValueError):
+    difference = (out - TF.center_crop(resized, [32, 32]).clamp(0, 1)).abs()
+    assert difference.mean() < 1 / 255 and difference.max() < 6 / 255
+    with pytest.raises(ValueError), pytest.warns(FutureWarning):
         EvalTransform(64, resize_size=32)
 
+
+def test_normalize():
     batch = torch.rand(2, 5, 3, 8, 8)
     normed = normalize(batch)
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -331,7 +342,10 @@ def test_labels_and_collate_with_workers_match_in_process():
 
 
 def test_pretraining_dataset_with_plain_transform_and_tuples():
-    dataset = PretrainingDataset([(np.zeros((10, 12), dtype=np.uint8), 3)], EvalTransform(8))
+    def plain(image):  # a transform without `generator`: its tensor becomes `pixel_values`
+        return TF.pil_to_tensor(image).float()[:, :8, :8] / 255
+
+    dataset = PretrainingDataset([(np.zeros((10, 12), dtype=np.uint8), 3)], plain)
     item = dataset[0]
     assert item["pixel_values"].shape == (3, 8, 8) and item["labels"] == 3
     assert to_rgb(torch.rand(3, 5, 6)).size == (6, 5)
@@ -389,6 +403,6 @@ def test_real_photographs():
     # The whole-image main view of the astronaut keeps its content: close to a plain resize.
     whole = MultiViewTransform(64, 1, 0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0)
     main = whole(Image.fromarray(photos[0]), seed=0)["pixel_values"]
-    assert (main - EvalTransform(64, 64)(Image.fromarray(photos[0]))).abs().max() < 1e-5
-    # chelsea is 300 x 451: evaluation crops the centre square.
-    assert EvalTransform(64)(Image.fromarray(photos[1])).shape == (3, 64, 64)
+    plain_resize = TF.resize(torch.from_numpy(photos[0]).permute(2, 0, 1).float() / 255, [64, 64],
+                             interpolation=InterpolationMode.BICUBIC, antialias=True).clamp(0, 1)  # fmt: skip
+    assert (main - plain_resize).abs().max() < 1e-5

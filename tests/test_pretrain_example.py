@@ -65,6 +65,8 @@ def test_few_steps_end_to_end(tmp_path):
     results = json.loads((output_dir / "results.json").read_text())
     assert results["completed_steps"] == 3
     assert (results["device"], results["cpu_threads"]) == ("cpu", 1)
+    # A CPU run makes its crops in the training process (the training threads use every core).
+    assert results["dataloader_num_workers"] == 0 and 0.0 <= results["data_wait_fraction"] < 1.0
     assert set(results["probes"]) == {"dominant_color", "dominant_shape", "num_probe_images"}
     for task in ("dominant_color", "dominant_shape"):
         scores = results["probes"][task]
@@ -102,7 +104,9 @@ def test_few_steps_end_to_end(tmp_path):
 
 
 def test_figures_show_the_same_images_at_every_step(tmp_path):
-    from stellar_hf.data import EvalTransform, SyntheticScenes
+    from stellar_hf import StellarConfig
+    from stellar_hf.data import SyntheticScenes
+    from stellar_hf.evaluation import probe_processor
 
     output_dir = tmp_path / "run"
     run_pretrain(output_dir, "--max_train_steps", "4", "--image_logging_steps", "2", "--skip_final_evaluation")
@@ -112,7 +116,8 @@ def test_figures_show_the_same_images_at_every_step(tmp_path):
     )
     # Each figure's top row is the input images (as the reconstruction grid lays them out): the same at every step.
     scenes = SyntheticScenes(num_images=8, image_size=32, split="validation")
-    inputs = [EvalTransform(32, resize_size=32)(scenes[index]["image"]) for index in range(8)]
+    processor = probe_processor(StellarConfig(image_size=32), do_normalize=False)
+    inputs = processor([scenes[index]["image"] for index in range(8)], return_tensors="pt")["pixel_values"]
     top = 2 + inputs[0].shape[-1]  # the grid's padding, then one row of tiles
     assert np.array_equal(first[:top], second[:top]) and np.array_equal(first[:top], final[:top])
     # ... and those rows are the fixed validation scenes, not a training batch.
@@ -256,3 +261,38 @@ def test_accelerate_launch_placeholder_thread_count_is_replaced(tmp_path):
     launcher = {"OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "False"}
     run_pretrain(output_dir, "--max_train_steps", "1", "--skip_final_evaluation", env=launcher)
     assert json.loads((output_dir / "results.json").read_text())["cpu_threads"] == PRETRAIN.physical_cores()
+
+
+def test_loader_defaults_are_sized_to_the_machine(monkeypatch):
+    monkeypatch.setattr(PRETRAIN, "physical_cores", lambda: 16)
+    settings = PRETRAIN.default_loader_settings
+    assert settings(None, "cpu", 1) == {"num_workers": 0, "pin_memory": False, "persistent_workers": False}
+    assert settings(None, "cuda", 1) == {
+        "num_workers": 12, "pin_memory": True, "persistent_workers": True, "prefetch_factor": 4
+    }  # fmt: skip
+    assert settings(None, "cuda", 4)["num_workers"] == 3  # 16 cores shared by 4 GPU processes, one left to each loop
+    assert settings(None, "cuda", 32)["num_workers"] == 1
+    assert settings(2, "cpu", 1)["persistent_workers"] and not settings(2, "cuda", 1, streaming=True)["persistent_workers"]
+    with pytest.raises(SystemExit, match="--dataloader_num_workers"):
+        settings(-1, "cpu", 1)
+
+
+def test_data_wait_is_the_share_of_time_spent_in_the_loader():
+    import time
+
+    class SlowLoader:
+        def __iter__(self):
+            for index in range(4):
+                time.sleep(0.03)  # the input path
+                yield index
+
+    wait = PRETRAIN.DataWait()
+    for _ in wait.timed(SlowLoader()):
+        time.sleep(0.01)  # the training step
+        wait.step_done()
+    assert 0.6 < wait.recent_fraction < 0.85 and 0.6 < wait.total_fraction < 0.85
+    fast = PRETRAIN.DataWait()
+    for _ in fast.timed(range(4)):
+        time.sleep(0.01)
+        fast.step_done()
+    assert fast.recent_fraction < 0.1
