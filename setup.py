@@ -17,7 +17,10 @@ TRAIN = ["accelerate>=1.0", "datasets>=3.0", "torchvision>=0.19", "timm>=1.0", "
 # torch-fidelity: the FID Inception-V3 network of rFID (stellar_hf.evaluation.load_inception); its weights are read
 # from disk, never downloaded at run time.
 EVAL = ["lpips>=0.1.4", "torch-fidelity>=0.3", "evaluate>=0.4", "scikit-learn>=1.3", "torchvision>=0.19", "scipy>=1.10"]
-DEV = sorted(set(TRAIN + EVAL + ["pytest>=8.0", "scikit-image>=0.22"]))
+# The explorer (examples/explorer.py): a Gradio page; torchvision for the built-in synthetic samples.
+DEMO = ["gradio>=6.0,<7", "torchvision>=0.19"]
+# selenium drives the explorer's browser test (tests/test_explorer_browser.py) through the system's chromedriver.
+DEV = sorted(set(TRAIN + EVAL + DEMO + ["pytest>=8.0", "scikit-image>=0.22", "selenium>=4.20"]))
 
 setup(
     name="stellar_hf",
@@ -30,7 +33,7 @@ setup(
     packages=find_packages(include=["stellar_hf", "stellar_hf.*"]),
     package_data={"stellar_hf": ["MODEL_CARD.md"]},
     install_requires=BASE,
-    extras_require={"train": TRAIN, "eval": EVAL, "dev": DEV},
+    extras_require={"train": TRAIN, "eval": EVAL, "demo": DEMO, "dev": DEV},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: MIT License",
