@@ -6,7 +6,8 @@
 #
 # Parts: tests (tests/test_device.py: fp32 vs CPU, bf16/fp16 autocast, SDPA and FlashAttention-2 vs eager, training
 # steps with fused AdamW, VQGAN, compiled step, pipeline), inference (StellarModel vs ViTModel, bf16 and fp32, then the
-# scaling sweeps), pretrain (one training step vs the original, eager on both sides), and, only when named, compile
+# scaling sweeps), pretrain (one training step vs the original, eager on both sides), views (benchmarks/data_pipeline.py:
+# the batched view augmentation as a share of a ViT-S/16 and ViT-B/16 step at the recipe), and, only when named, compile
 # (the same with torch.compile on our side; inductor needs minutes per side at ViT-S) and compile_both. Each part has
 # its own time limit: the default parts stay under about 7.5 minutes, `compile` under 4, `compile_both` under 6; a
 # part that runs out is reported and the next one starts.
@@ -19,7 +20,7 @@ repo=$(pwd)
 out=${OUT:-$repo/gpu_checks}
 device=${DEVICE:-cuda}
 parts=("$@")
-[[ ${#parts[@]} -eq 0 ]] && parts=(tests inference pretrain)
+[[ ${#parts[@]} -eq 0 ]] && parts=(tests inference pretrain views)
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -76,6 +77,12 @@ for part in "${parts[@]}"; do
         run_part pretrain_step 100 python benchmarks/pretrain_step.py "${original_args[@]}" --device "$device" \
             --dtype $low --repeats 30 --warmup 3
         ;;
+    views)
+        photo=()
+        [[ -f .bench/chelsea.png ]] && photo=(--image .bench/chelsea.png)
+        run_part views 150 python benchmarks/data_pipeline.py "${photo[@]}" --device "$device" --batch_size 128 \
+            --step_batch_size 32 --dtype $low --rounds 5 --compile
+        ;;
     compile)
         run_part pretrain_step_compile_ours 240 python benchmarks/pretrain_step.py "${original_args[@]}" \
             --device "$device" --dtype $low --repeats 30 --warmup 3 --skip_full --compile ours
@@ -85,7 +92,7 @@ for part in "${parts[@]}"; do
             --device "$device" --dtype $low --repeats 30 --warmup 3 --skip_full --compile both
         ;;
     *)
-        echo "unknown part '$part' (tests, inference, pretrain, compile, compile_both)" >&2
+        echo "unknown part '$part' (tests, inference, pretrain, views, compile, compile_both)" >&2
         exit 2
         ;;
     esac

@@ -35,5 +35,7 @@ if [[ -n "$original" ]]; then
         cp -r "$original"/. .bench/stellar_original/
     fi
 fi
+# The photograph of benchmarks/data_pipeline.py, for GPU images without scikit-image.
+python -c "from PIL import Image; from skimage import data; Image.fromarray(data.chelsea()).save('.bench/chelsea.png')"
 du -sh .bench
 echo "ready: carry .bench to the GPU machine and run benchmarks/gpu_checks.sh there"
