@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import PIL
 from PIL import Image
 from safetensors import safe_open
 from stellar_tester import TINY_CONFIG
@@ -151,7 +152,20 @@ def mode_cases() -> list[ModeCase]:
 
 CASES = mode_cases()
 case_parametrize = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-FILE_CASES = [case for case in CASES if case.file_format]
+
+
+def reopens_in_its_mode(case: ModeCase) -> bool:
+    """Whether this Pillow writes the case's file so that it reopens in the same mode (Pillow 12 reads a YCbCr TIFF
+    back as RGB; Pillow 13 keeps it)."""
+    buffer = io.BytesIO()
+    case.image.save(buffer, format=case.file_format)
+    buffer.seek(0)
+    with Image.open(buffer) as saved:
+        return saved.mode == case.image.mode
+
+
+FILE_CASES = [case for case in CASES if case.file_format and reopens_in_its_mode(case)]
+UNWRITABLE_CASES = [case.name for case in CASES if case.file_format and not reopens_in_its_mode(case)]
 file_case_parametrize = pytest.mark.parametrize("case", FILE_CASES, ids=[case.name for case in FILE_CASES])
 
 
@@ -204,7 +218,7 @@ def test_half_transparent_pixels_are_blended_on_white():
 @case_parametrize
 def test_training_data_reads_each_mode_by_the_rule(case, tmp_path):
     np.testing.assert_array_equal(np.asarray(to_rgb(case.image)), case.expected)
-    if case.file_format:
+    if case in FILE_CASES:
         path = save_case(case, tmp_path)
         np.testing.assert_array_equal(np.asarray(to_rgb(path)), case.expected)
         np.testing.assert_array_equal(np.asarray(to_rgb({"bytes": path.read_bytes(), "path": None})), case.expected)
@@ -288,3 +302,11 @@ def test_extract_features_reads_each_mode_by_the_rule(tiny_model_dir, tmp_path):
         )
     gradient = [case.name for case in FILE_CASES].index("I;16 PNG")
     assert (pooled[gradient] - pooled[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not UNWRITABLE_CASES, reason="this Pillow writes every file case in its own mode")
+def test_file_cases_this_pillow_cannot_write():
+    pytest.skip(
+        f"Pillow {PIL.__version__} reopens {', '.join(UNWRITABLE_CASES)} files in another mode: their file cases "
+        "are not run (the in-memory cases of those modes still are)"
+    )
