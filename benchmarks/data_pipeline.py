@@ -167,7 +167,8 @@ def device_part(args, image, device: torch.device) -> dict:
 def training_step_ms(args, image, device: torch.device, backbone: dict) -> float:
     """ms per image of one STELLAR training step (forward, backward, AdamW) at the recipe on `device`."""
     config = StellarConfig(
-        **backbone, image_size=224, num_masked_views=8, num_local_views=8, local_image_size=96, attn_implementation="sdpa"
+        **backbone, image_size=224, num_masked_views=8, num_local_views=8, local_image_size=96,
+        reconstruction_target="pixel", attn_implementation="sdpa",
     )
     model = StellarForPreTraining(config).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -9,7 +9,7 @@
 # scaling sweeps), pretrain (one training step vs the original, eager on both sides), views (benchmarks/data_pipeline.py:
 # the batched view augmentation as a share of a ViT-S/16 and ViT-B/16 step at the recipe), and, only when named, compile
 # (the same with torch.compile on our side; inductor needs minutes per side at ViT-S) and compile_both. Each part has
-# its own time limit: the default parts stay under about 7.5 minutes, `compile` under 4, `compile_both` under 6; a
+# its own time limit: the default parts stay under about 10 minutes, `compile` under 4, `compile_both` under 6; a
 # part that runs out is reported and the next one starts.
 # Three files go to $OUT (the device tool's output folder, which returns at most 8) or ./gpu_checks: gpu_checks.log
 # (everything printed), results.jsonl (each part's JSON line, with the part's name) and summary.txt.

@@ -75,8 +75,9 @@ def _fsync_file(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def _fsync_directory(path: Path) -> None:
-    # A rename is durable only once the folder holding the new name is flushed.
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk; best effort where a folder cannot be opened (Windows). A rename
+    is durable only once the folder holding the new name is flushed."""
     try:
         descriptor = os.open(path, os.O_RDONLY)
     except OSError:
@@ -112,7 +113,7 @@ def replace_atomically(path: str | os.PathLike):
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)
 
 
 def publish_files(staging: str | os.PathLike, destination: str | os.PathLike, last: str | None = None) -> list[Path]:
@@ -132,8 +133,8 @@ def publish_files(staging: str | os.PathLike, destination: str | os.PathLike, la
         os.replace(staging / name, destination / name)
         published.append(destination / name)
         if name == last:
-            _fsync_directory(destination)
-    _fsync_directory(destination)
+            fsync_path(destination)
+    fsync_path(destination)
     shutil.rmtree(staging, ignore_errors=True)
     return published
 
@@ -245,7 +246,7 @@ def remove_stale_files(output_dir: str | os.PathLike) -> list[Path]:
             removed.append(path)
             logger.warning("removed %s, left by an interrupted checkpoint write or rotation", name)
     if removed:
-        _fsync_directory(folder)
+        fsync_path(folder)
     return removed
 
 
@@ -371,7 +372,7 @@ def _complete(staging: Path, final: Path, step: int, extra: dict) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staging, final)
-    _fsync_directory(final.parent)
+    fsync_path(final.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
 
@@ -387,7 +388,7 @@ def rotate_checkpoints(output_dir: str | os.PathLike, limit: int) -> list[Path]:
         doomed = checkpoint.path.with_name(f".{checkpoint.path.name}{DELETING_SUFFIX}")
         # Renamed first: a deletion cut short leaves a hidden folder, never a half-empty `checkpoint-N`.
         os.replace(checkpoint.path, doomed)
-        _fsync_directory(doomed.parent)
+        fsync_path(doomed.parent)
         shutil.rmtree(doomed, ignore_errors=True)
         removed.append(checkpoint.path)
     return removed

@@ -1034,7 +1034,21 @@ class ViewAugmentation:
         )
 
     def color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor."""
+        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor.
+
+        With `compile`, a failure to compile (a backend missing on this machine) is logged once and the eager
+        operations take over: the same values, more slowly.
+        """
+        if self._jitter is _JITTER_OPERATIONS:
+            return self._color_views(views, parameters)
+        try:
+            return self._color_views(views, parameters)
+        except Exception as error:  # torch.compile raises backend-specific types at the first call
+            logger.warning("compiling the view augmentation failed (%s: %s); running it eagerly", type(error).__name__, error)
+            self._jitter, self._blur = _JITTER_OPERATIONS, _gaussian_blur
+            return self._color_views(views, parameters)
+
+    def _color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
         views = views.clone()
         if self.color is None or views.shape[0] == 0:
             return views

@@ -41,6 +41,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
+from .checkpointing import fsync_path
 from .configuration_stellar import StellarConfig
 from .modeling_stellar import (
     StellarDecodingModel,
@@ -344,20 +345,6 @@ def _read_marker(folder: Path, key: str) -> dict | None:
     return marker
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to disk (best effort for folders on systems that cannot)."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -426,8 +413,8 @@ def _convert_into_cache(source: _Source, root: Path, key: str, options: Mapping[
         }
         (staging / MARKER_NAME).write_text(json.dumps(marker, indent=2), encoding="utf-8")
         for name in [*files, MARKER_NAME]:
-            _fsync(staging / name)
-        _fsync(staging)
+            fsync_path(staging / name)
+        fsync_path(staging)
         try:
             os.rename(staging, final)
         except OSError:
@@ -437,7 +424,7 @@ def _convert_into_cache(source: _Source, root: Path, key: str, options: Mapping[
             else:  # a damaged folder under the final name (e.g. a half-done removal): replace it
                 _discard(final)
                 os.rename(staging, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -507,7 +494,7 @@ def _vq_tokenizer(vq_tokenizer, root: Path):
             try:
                 convert_vqgan.convert_vqgan_checkpoint(path, staging)
                 for file in staging.iterdir():
-                    _fsync(file)
+                    fsync_path(file)
                 try:
                     os.rename(staging, final)
                 except OSError:

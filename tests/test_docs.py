@@ -139,6 +139,8 @@ REDUCED_ARGS = {
         .replace("patch_size=16", "patch_size=8"), "--steps", "2", "--batch_size", "8", "--num_synthetic_images",
         "32", "--num_synthetic_eval_images", "16", "--num_digits_images", "60", "--no_progress",
     ],
+    "benchmarks/data_pipeline.py": ["--rounds", "1", "--images", "1", "--batch_size", "2", "--skip_training_step"],
+    "benchmarks/explorer_latency.py": ["--models", "quick-start", "--repeats", "1", "--warmup", "0"],
     "benchmarks/pretrain_step.py": [
         "--image_size", "32", "--local_image_size", "16", "--batch_size", "1", "--num_masked_views", "1",
         "--num_local_views", "1", "--num_prototypes", "64", "--repeats", "1", "--warmup", "1", "--threads", "1",

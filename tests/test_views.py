@@ -176,3 +176,28 @@ def test_views_are_the_same_for_any_worker_count_and_across_epochs_with_persiste
 def test_collate_refuses_items_of_neither_kind():
     with pytest.raises(KeyError, match="global_crops"):
         collate_views([{"image": torch.zeros(3)}])
+
+
+@pytest.mark.slow  # inductor compiles each operation: about a minute on 2 CPU cores
+def test_compiled_augmentation_matches_eager():
+    crops = MultiViewCrops(32, 2, 1, 16)
+    batch = collate_views([crops(scene(32, index), seed=index) for index in range(4)])
+    eager, compiled = ViewAugmentation()(batch), ViewAugmentation(compile=True)(batch)
+    for key, value in eager.items():
+        torch.testing.assert_close(compiled[key], value, atol=1e-5, rtol=0)
+
+
+def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    augmentation = ViewAugmentation()
+    monkeypatch.setattr(augmentation, "_jitter", (broken,) * 4)
+    monkeypatch.setattr(augmentation, "_blur", broken)
+    crops = MultiViewCrops(32, 2, 1, 16, color=ColorAugmentation(jitter_p=1.0))
+    batch = collate_views([crops(scene(32, index), seed=index) for index in range(2)])
+    with caplog.at_level("WARNING", logger="stellar_hf.data"):
+        inputs = augmentation(batch)
+    assert "running it eagerly" in caplog.text
+    for key, value in ViewAugmentation()(batch).items():
+        assert torch.equal(inputs[key], value)
