@@ -324,34 +324,18 @@ def build_demo(explorer, samples: dict | None = None):
             "Upload an image or pick a sample; edit the factors below and the edited image is decoded at once."
         )
         with gr.Row():
+
+            def image_source(label: str, image_id: str, sample_id: str):
+                """An upload box and, under it, the built-in samples: (image, sample dropdown)."""
+                uploaded = gr.Image(
+                    type="pil", label=label, sources=["upload", "clipboard"], height=DISPLAY_SIZE, elem_id=image_id
+                )
+                return uploaded, gr.Dropdown(choices=list(samples), value=None, label="or a sample", elem_id=sample_id)
+
             with gr.Column():
-                image = gr.Image(
-                    type="pil",
-                    label="Image",
-                    sources=["upload", "clipboard"],
-                    height=DISPLAY_SIZE,
-                    elem_id="input-image",
-                )
-                sample = gr.Dropdown(
-                    choices=list(samples),
-                    value=None,
-                    label="or a sample",
-                    elem_id="sample",
-                )
+                image, sample = image_source("Image", "input-image", "sample")
             with gr.Column():
-                second_image = gr.Image(
-                    type="pil",
-                    label="Second image (for swaps)",
-                    sources=["upload", "clipboard"],
-                    height=DISPLAY_SIZE,
-                    elem_id="second-image",
-                )
-                second_sample = gr.Dropdown(
-                    choices=list(samples),
-                    value=None,
-                    label="or a sample",
-                    elem_id="second-sample",
-                )
+                second_image, second_sample = image_source("Second image (for swaps)", "second-image", "second-sample")
                 second_status = gr.Markdown("No second image: the swap edit needs one.")
         overlays = gr.Gallery(
             label="The image, the hard assignment (a colour per token) and each token's spatial map (mass share)",

@@ -679,16 +679,7 @@ def build_loaders(args, config, preprocess: Preprocess, splits: list[str], need_
             batch["masks"] = torch.stack([torch.as_tensor(item["mask"]).long() for item in items])
         return batch
 
-    loaders = {
-        split: DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            shuffle=False,
-            num_workers=args.num_workers,
-            collate_fn=collate,
-        )
-        for split, dataset in datasets.items()
-    }
+    loaders = split_loaders(args, datasets, collate)
     return loaders, labels, {split: len(dataset) for split, dataset in datasets.items()}
 
 
@@ -769,22 +760,22 @@ def segmentation_splits(args, config) -> tuple[dict, tuple | None, int]:
     return datasets, None, args.num_classes
 
 
+def split_loaders(args, datasets: dict, collate) -> dict:
+    """`{split: DataLoader}` over `datasets` in order (no shuffling: evaluation), `--batch_size` and `--num_workers`."""
+    return {
+        split: DataLoader(dataset, batch_size=args.batch_size, shuffle=False, num_workers=args.num_workers,
+                          collate_fn=collate)  # fmt: skip
+        for split, dataset in datasets.items()
+    }
+
+
 def segmentation_loaders(args, config, preprocess: Preprocess):
     """`({split: DataLoader of {"pixel_values", "labels" (B, S, S)}}, class names or None, classes, {split: size})`."""
     from stellar_hf.segmentation import SegmentationCollator
 
     datasets, class_names, num_classes = segmentation_splits(args, config)
     collate = SegmentationCollator(preprocess.processor)
-    loaders = {
-        split: DataLoader(
-            dataset,
-            batch_size=args.batch_size,
-            shuffle=False,
-            num_workers=args.num_workers,
-            collate_fn=collate,
-        )
-        for split, dataset in datasets.items()
-    }
+    loaders = split_loaders(args, datasets, collate)
     return (
         loaders,
         class_names,
