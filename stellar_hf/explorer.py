@@ -28,6 +28,7 @@ Decoding unedited factors gives exactly the model's own reconstruction of the im
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -733,22 +734,30 @@ def write_space(
         try:
             gradio_version = version("gradio")
         except PackageNotFoundError:
-            gradio_version = "6.31.0"
+            # The Space card pins the SDK version: a guess could name a release the page was never run with.
+            raise ValueError(
+                "the Space card names the gradio version the page runs with: install gradio "
+                '(pip install -e ".[demo]") or pass gradio_version'
+            ) from None
+    from .checkpointing import publish_files
+
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ui_script, output_dir / "explorer.py")
+    # Everything is written beside the folder first, then moved in: a run killed at any point leaves the folder's
+    # files old or new and whole, never cut short (README.md, the card, last).
+    staging = output_dir.parent / f".{output_dir.name}.space.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    shutil.copyfile(ui_script, staging / "explorer.py")
     package = Path(__file__).resolve().parent
-    target = output_dir / "stellar_hf"
-    if target.exists():
-        shutil.rmtree(target)
     shutil.copytree(
         package,
-        target,
+        staging / "stellar_hf",
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
         symlinks=False,
     )
     vq_line = f", vq_tokenizer={vq_tokenizer!r}" if vq_tokenizer else ""
-    (output_dir / "app.py").write_text(
+    (staging / "app.py").write_text(
         '"""Hugging Face Space entry point: the STELLAR explorer on '
         f'{hub_model_id}."""\n\n'
         "from explorer import build_demo, launch_options\n"
@@ -759,14 +768,14 @@ def write_space(
         "    demo.launch(**launch_options())\n",
         encoding="utf-8",
     )
-    (output_dir / "requirements.txt").write_text(
+    (staging / "requirements.txt").write_text(
         "\n".join([*SPACE_REQUIREMENTS, f"gradio=={gradio_version}"]) + "\n",
         encoding="utf-8",
     )
     vq_model = (
         f"  - {vq_tokenizer}\n" if vq_tokenizer and vq_tokenizer.count("/") == 1 else ""
     )
-    (output_dir / "README.md").write_text(
+    (staging / "README.md").write_text(
         "---\n"
         f"title: {title}\n"
         "emoji: 🔭\n"
@@ -793,4 +802,13 @@ def write_space(
         "the decoder runs again.\n",
         encoding="utf-8",
     )
+    # The package copy moves in by rename, the previous one set aside first: a kill between the two renames leaves it
+    # beside the folder (`.NAME.stellar_hf.previous`), and the next export completes the folder again.
+    target, previous = output_dir / "stellar_hf", output_dir.parent / f".{output_dir.name}.stellar_hf.previous"
+    shutil.rmtree(previous, ignore_errors=True)
+    if target.exists():
+        os.replace(target, previous)
+    os.replace(staging / "stellar_hf", target)
+    shutil.rmtree(previous, ignore_errors=True)
+    publish_files(staging, output_dir, last="README.md")
     return output_dir

@@ -360,6 +360,62 @@ def test_space_export_writes_a_loadable_space(tmp_path):
         write_space(tmp_path / "bad", "./local-folder", SCRIPT)
 
 
+def test_space_export_does_not_guess_the_gradio_version(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    with pytest.raises(ValueError, match="gradio_version"):
+        write_space(tmp_path / "space", "org/stellar-b16", SCRIPT)
+    assert not (tmp_path / "space").exists()
+    folder = write_space(tmp_path / "space", "org/stellar-b16", SCRIPT, gradio_version="6.31.0")
+    assert "gradio==6.31.0" in (folder / "requirements.txt").read_text().splitlines()
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_space_export_killed_at_every_write_leaves_whole_files(tmp_path):
+    from fault_injection import WritePoints, run_in_child
+
+    def export(argv):
+        write_space(argv[0], argv[1], SCRIPT, gradio_version="6.31.0")
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    write_space(first / "space", "org/old-model", SCRIPT, gradio_version="6.31.0")
+    write_space(second / "space", "org/new-model", SCRIPT, gradio_version="6.31.0")
+    old, new = _tree(first / "space"), _tree(second / "space")
+    # The points of a re-export over a previous one: files written beside the folder, renames, removals.
+    counting = tmp_path / "count"
+    write_space(counting / "space", "org/old-model", SCRIPT, gradio_version="6.31.0")
+    points = WritePoints(counting)
+    outcome = run_in_child(export, [str(counting / "space"), "org/new-model"], tmp_path / "count.log", points,
+                           tmp_path / "points.json")  # fmt: skip
+    assert outcome.get("exit_code") == 0, outcome
+    count = len(__import__("json").loads((tmp_path / "points.json").read_text()))
+    assert count > 20
+    for point in range(1, count + 1):
+        work = tmp_path / f"kill{point}"
+        write_space(work / "space", "org/old-model", SCRIPT, gradio_version="6.31.0")
+        outcome = run_in_child(export, [str(work / "space"), "org/new-model"], tmp_path / "kill.log",
+                               WritePoints(work, stop_at=point), None)  # fmt: skip
+        assert outcome.get("signal") == 9, (point, outcome)
+        found = _tree(work / "space")
+        for name, content in found.items():
+            assert content in (old.get(name), new.get(name)), (point, name)  # every file whole, old or new
+        package = {name for name in old if name.startswith("stellar_hf/")}
+        if not package <= set(found):  # only between the two renames of the package copy: it waits beside
+            aside = work / ".space.stellar_hf.previous"
+            assert {f"stellar_hf/{name}" for name in _tree(aside)} == package, point
+        # Exporting again gives the new Space exactly, with nothing left beside it.
+        write_space(work / "space", "org/new-model", SCRIPT, gradio_version="6.31.0")
+        assert _tree(work / "space") == new, point
+        assert sorted(path.name for path in work.iterdir()) == ["space"], point
+
+
 def _load_script():
     spec = importlib.util.spec_from_file_location("stellar_explorer_cli", SCRIPT)
     module = importlib.util.module_from_spec(spec)
