@@ -1331,15 +1331,8 @@ def describe(config: StellarConfig, model_class: type) -> str:
 
 
 def _temperature(value: str) -> float | None:
-    if value.lower() == "none":
-        return None
-    try:
-        temperature = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number or 'none', got {value!r}") from None
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise argparse.ArgumentTypeError(f"the temperature must be a positive number, got {value!r}")
-    return temperature
+    """`--spatial_temperature`: a positive number, or 'none' (scaled dot products)."""
+    return None if value.lower() == "none" else _positive_argument(float, "a positive number or 'none'")(value)
 
 
 def _positive_argument(cast, expected: str):
