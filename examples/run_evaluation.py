@@ -760,6 +760,16 @@ def segmentation_splits(args, config) -> tuple[dict, tuple | None, int]:
     return datasets, None, args.num_classes
 
 
+def save_results(path: Path, result: dict) -> None:
+    """`result` as JSON at `path`: written beside it and renamed in, so a kill or a full disk leaves the previous file
+    whole (or none), never a cut one."""
+    from stellar_hf.checkpointing import replace_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replace_atomically(path) as temporary:
+        temporary.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+
+
 def split_loaders(args, datasets: dict, collate) -> dict:
     """`{split: DataLoader}` over `datasets` in order (no shuffling: evaluation), `--batch_size` and `--num_workers`."""
     return {
@@ -1161,8 +1171,7 @@ def finish(args, metrics: dict, sizes: dict, config, preprocess: Preprocess, dev
         for summary in segmentation_summary_lines(result):
             print(summary, file=sys.stderr)
     if args.output_json is not None:
-        args.output_json.parent.mkdir(parents=True, exist_ok=True)
-        args.output_json.write_text(json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n")
+        save_results(args.output_json, result)
     print(line)
     return 0
 

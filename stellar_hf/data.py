@@ -745,7 +745,7 @@ class MultiViewCrops:
         local_scale: tuple[float, float] = (0.06, 0.36),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         flip_p: float = 0.5,
-        color: Optional[ColorAugmentation] = None,
+        color: ColorAugmentation = ColorAugmentation(),
         interpolation: Union[str, InterpolationMode] = "bicubic",
     ):
         _check_view_settings(num_global_views, num_local_views, global_scale, local_scale, ratio)
@@ -757,7 +757,7 @@ class MultiViewCrops:
         self.local_scale = tuple(local_scale)
         self.ratio = tuple(ratio)
         self.flip_p = flip_p
-        self.color = ColorAugmentation() if color is None else color
+        self.color = color
         self.interpolation = _interpolation(interpolation)
 
     def __repr__(self) -> str:

@@ -525,3 +525,25 @@ def test_segmentation_bad_input_gives_clear_errors(workspace, segmentation_data,
     assert "--num_classes" in message and "--classes" in message
     message = error_of(capsys, "segmentation", "--model", model, *dataset, "--num_classes", "300")
     assert "2..255" in message
+
+
+def test_results_file_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    script = load_script()
+    path = tmp_path / "results" / "knn.json"
+    script.save_results(path, {"knn_top1": 0.5})
+    before = path.read_text()
+    real_write_text = Path.write_text
+
+    def disk_full_halfway(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", disk_full_halfway)
+    with pytest.raises(OSError, match="No space"):
+        script.save_results(path, {"knn_top1": 0.75, "note": "x" * 1000})
+    monkeypatch.undo()
+    assert path.read_text() == before and sorted(p.name for p in path.parent.iterdir()) == ["knn.json"]
+    script.save_results(path, {"knn_top1": 0.75})
+    assert json.loads(path.read_text()) == {"knn_top1": 0.75}
