@@ -346,6 +346,11 @@ LOCAL_SIZE_VARIABLES = (
 )
 
 
+def local_process_count(default: int, environ=os.environ) -> int:
+    """The processes on this machine, as the launcher announces them (`LOCAL_SIZE_VARIABLES`), else `default`."""
+    return next((int(environ[name]) for name in LOCAL_SIZE_VARIABLES if environ.get(name)), default)
+
+
 def cpu_thread_count(requested: int | None, num_processes: int, environ=os.environ) -> int | None:
     """
     Intra-op threads for each process of a CPU run, or `None` to keep torch's setting.
@@ -361,7 +366,7 @@ def cpu_thread_count(requested: int | None, num_processes: int, environ=os.envir
         return requested
     if environ.get("OMP_NUM_THREADS") != "1" or environ.get("ACCELERATE_USE_CPU") != "False":
         return None
-    local_processes = next((int(environ[name]) for name in LOCAL_SIZE_VARIABLES if environ.get(name)), num_processes)
+    local_processes = local_process_count(num_processes, environ)
     return max(1, physical_cores() // max(local_processes, 1))
 
 
@@ -851,7 +856,7 @@ def train(args: argparse.Namespace) -> int:
         )
     teacher = build_teacher(args, model)
     dataset, data_description = build_dataset(args, config)
-    local_processes = next((int(os.environ[name]) for name in LOCAL_SIZE_VARIABLES if os.environ.get(name)), 1)
+    local_processes = local_process_count(1)
     loader_settings = default_loader_settings(
         args.dataloader_num_workers, accelerator.device.type, local_processes, streaming=args.streaming
     )
