@@ -142,7 +142,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile_view_augmentation",
         choices=("auto", "yes", "no"),
         default="auto",
-        help="torch.compile the batched colour augmentation (auto: on CUDA devices only)",
+        help=(
+            "torch.compile the batched colour augmentation into one fixed graph per view size (auto: no, the eager "
+            "chunks until an accelerator measurement favours the graph; see docs/benchmarks.md)"
+        ),
     )
 
     model = parser.add_argument_group("model")
@@ -868,11 +871,8 @@ def train(args: argparse.Namespace) -> int:
         drop_last=True,
         **loader_settings,
     )
-    compile_views = args.compile_view_augmentation == "yes" or (
-        args.compile_view_augmentation == "auto" and accelerator.device.type == "cuda"
-    )
     augmentation = ViewAugmentation(
-        ColorAugmentation(), config.image_mean, config.image_std, compile=compile_views
+        ColorAugmentation(), config.image_mean, config.image_std, compile=args.compile_view_augmentation == "yes"
     )
     if not args.streaming and len(loader) == 0:
         raise SystemExit(

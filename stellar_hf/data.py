@@ -915,94 +915,236 @@ class MultiViewTransform(MultiViewCrops):
         }
 
 
-def _grayscale(views: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) -> (n, 1, h, w) luma."""
+def _luma_into(views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """(n, 3, h, w) views -> their (n, h, w) luma written into `out`, computed as torchvision's rgb_to_grayscale."""
     red, green, blue = views.unbind(1)
-    return (red * _LUMA[0]).add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2]).unsqueeze(1)
+    torch.mul(red, _LUMA[0], out=out)
+    return out.add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2])
 
 
-def _adjust_brightness(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Scale (n, 3, h, w) views in [0, 1] by `factors` (n,), clamped, as torchvision's adjust_brightness. In place."""
-    return views.mul_(factors.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def _blend_(
+    views: torch.Tensor,
+    scales: torch.Tensor,
+    luma_weights: Optional[torch.Tensor],
+    mean_weights: Optional[torch.Tensor],
+    plane: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Brightness, contrast, saturation and grayscale in one form, per view, in place on (n, 3, h, w) views in [0, 1]:
 
+        views = clamp(scale * views + luma_weight * luma(views) + mean_weight * mean(luma(views)), 0, 1)
 
-def _adjust_contrast(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each view with its mean luma by `factors`, clamped, as torchvision's adjust_contrast. In place."""
-    # The mean of the luma image is the luma of the channel means: no full-size grayscale image needed.
-    mean_luma = views.mean((-2, -1)) @ torch.tensor(_LUMA, dtype=views.dtype, device=views.device)
-    offsets = (mean_luma * (1.0 - factors)).view(-1, 1, 1, 1)
-    return views.mul_(factors.view(-1, 1, 1, 1)).add_(offsets).clamp_(0.0, 1.0)
-
-
-def _adjust_saturation(views: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-    """Blend each view with its own luma image by `factors`, clamped, as torchvision's adjust_saturation. In place."""
-    gray = _grayscale(views).mul_((1.0 - factors).view(-1, 1, 1, 1))
-    return views.mul_(factors.view(-1, 1, 1, 1)).add_(gray).clamp_(0.0, 1.0)
-
-
-def _adjust_hue(views: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` (n,) turns, through HSV as torchvision does.
-
-    HSV -> RGB uses the closed form ``channel = v - chroma * clamp(min(k, 4 - k), 0, 1)`` with
-    ``k = (m + 6 * hue) mod 6`` and m = 5, 3, 1 for red, green, blue: the same values as torchvision's six-sector
-    table in a few elementwise passes. Returns a new tensor.
+    Brightness b is (b, 0, 0), contrast c is (c, 0, 1 - c), saturation s is (s, 1 - s, 0), grayscale is (0, 1, 0) and
+    a view left alone is (1, 0, 0). The zero terms add exact zeros, so each view gets torchvision's values whatever
+    the other views of its batch take. `scales`, `luma_weights`, `mean_weights`: (n,) on the views' device; None for
+    all zeros (the pass is skipped). `plane`: (>= n, h, w) scratch (None: allocated).
     """
+    if luma_weights is not None:
+        if plane is None:
+            plane = views.new_empty((views.shape[0], *views.shape[2:]))
+        luma = _luma_into(views, plane[: views.shape[0]]).unsqueeze(1)
+    if mean_weights is not None:
+        # The mean of the luma image is the luma of the channel means: no luma image needed for it.
+        mean_luma = views.mean((-2, -1)) @ torch.tensor(_LUMA, dtype=views.dtype, device=views.device)
+        offsets = (mean_luma * mean_weights).view(-1, 1, 1, 1)
+    views.mul_(scales.view(-1, 1, 1, 1))
+    if luma_weights is not None:
+        views.addcmul_(luma, luma_weights.view(-1, 1, 1, 1))
+    if mean_weights is not None:
+        views.add_(offsets)
+    return views.clamp_(0.0, 1.0)
+
+
+# Channel c of an HSV colour is ``v - chroma * T(6 * hue + m_c)`` with m_c = 5, 3, 1 for red, green, blue and T the
+# trapezoid clamp(min(k, 4 - k), 0, 1) for k mod 6, that is clamp(2 - |k - 2|, 0, 1) with k - 2 wrapped to [-3, 3);
+# so channel c = min + chroma * clamp(|k - 2| - 1, 0, 1). In turns: (m_c - 2) / 6, plus 1.5 turns (the half turn
+# `_rotate_hue_` takes back after `frac` to wrap, and one more so the argument of `frac` stays positive for any shift
+# in [-0.5, 0.5]).
+_HUE_OFFSETS = tuple((m - 2) / 6 + 1.5 for m in (5.0, 3.0, 1.0))
+
+
+def _rotate_hue_(
+    views: torch.Tensor, shifts: torch.Tensor, scratch: Optional[Sequence[torch.Tensor]] = None
+) -> torch.Tensor:
+    """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` (n,) turns, through HSV as torchvision's adjust_hue,
+    in place. `scratch`: seven (>= n, h, w) planes (None: allocated).
+
+    No HSV image is built: the hue comes from the sector of the largest channel, with the sector masks as float
+    weights (boolean selects are slow on CPUs), and each output channel is ``min + chroma * clamp(|k - 2| - 1, 0, 1)``
+    (see `_HUE_OFFSETS`), written with `frac` and `abs`. A grey pixel (chroma 0) keeps its value whatever its hue.
+    """
+    n = views.shape[0]
     red, green, blue = views.unbind(1)
-    # Elementwise over the three planes: much faster than a reduction across the channel dimension.
-    value = torch.maximum(torch.maximum(red, green), blue)
-    chroma = value - torch.minimum(torch.minimum(red, green), blue)
-    divisor = torch.where(chroma > 0, chroma, 1.0)
-    # Hue in sixths of a turn, in [-1, 5): red sector, green sector, blue sector.
-    hue = torch.where(
-        value == red,
-        green - blue,
-        torch.where(value == green, (blue - red).add_(divisor, alpha=2.0), (red - green).add_(divisor, alpha=4.0)),
-    ).div_(divisor)
-    hue = hue.add_((6.0 * shifts).view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
-    sectors = torch.tensor((5.0, 3.0, 1.0), dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
-    k = (hue + sectors).remainder_(6.0)
-    weight = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return weight.mul_(chroma.unsqueeze(1).neg()).add_(value.unsqueeze(1))
+    if scratch is None:
+        scratch = views.new_empty((7, n, *views.shape[2:])).unbind(0)
+    value, low, chroma, red_max, green_max, hue, term = (plane[:n] for plane in scratch)
+    torch.maximum(torch.maximum(red, green, out=value), blue, out=value)
+    torch.minimum(torch.minimum(red, green, out=low), blue, out=low)
+    torch.sub(value, low, out=chroma)
+    # Sector of the largest channel, ties to red then green as torchvision: weights 1.0 / 0.0.
+    torch.ge(red, value, out=red_max)
+    torch.ge(green, value, out=green_max).addcmul_(green_max, red_max, value=-1.0)
+    # hue * chroma in sixths of a turn: the blue sector's (r - g + 4 chroma), moved to the red sector's (g - b) and
+    # the green sector's (b - r + 2 chroma) by their weights.
+    torch.sub(red, green, out=hue).add_(chroma, alpha=4.0)
+    torch.add(green, green, out=term).sub_(blue).sub_(red).sub_(chroma, alpha=4.0)
+    hue.addcmul_(red_max, term)
+    torch.add(blue, green, out=term).sub_(red, alpha=2.0).sub_(chroma, alpha=2.0)
+    hue.addcmul_(green_max, term)
+    # For a grey pixel hue * chroma is 0 and any finite hue will do: its chroma cancels the hue below.
+    hue.div_(torch.clamp(chroma, min=1e-12, out=term).mul_(6.0))
+    offsets = torch.tensor(_HUE_OFFSETS, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
+    torch.add(hue.unsqueeze(1), offsets + shifts.view(-1, 1, 1, 1), out=views)
+    # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6).
+    views.frac_().sub_(0.5).abs_().sub_(1.0 / 6.0).clamp_(0.0, 1.0 / 6.0)
+    return views.mul_(chroma.mul_(6.0).unsqueeze(1)).add_(low.unsqueeze(1))
 
 
-def _gaussian_blur(views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Blur each of the (n, 3, h, w) views with its own sigma: two 1-D depthwise passes, reflect padding (the 2-D
-    kernel torchvision uses is their outer product)."""
+def _blur_buffer(n: int, channels: int, height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
+    """The channels-last, reflect-padded copy `_gaussian_blur_` works on, for up to n views."""
+    radius = kernel_size // 2
+    shape = (1, n * channels, height + 2 * radius, width + 2 * radius)
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _gaussian_blur_(
+    views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int, padded: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Blur each of the (n, 3, h, w) views with its own sigma, in place: two 1-D depthwise passes over a reflect-padded
+    copy (the 2-D kernel torchvision uses is their outer product). `padded`: a `_blur_buffer` for >= n views."""
     n, channels, height, width = views.shape
     radius = kernel_size // 2
     positions = torch.arange(-radius, radius + 1, dtype=views.dtype, device=views.device)
     kernels = torch.exp(-0.5 * (positions / sigmas.view(-1, 1)) ** 2)
     kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (n * 3, k)
-    planes = views.reshape(1, n * channels, height, width)
-    planes = F.conv2d(F.pad(planes, (radius, radius, 0, 0), mode="reflect"), kernels.view(-1, 1, 1, kernel_size),
-                      groups=n * channels)  # fmt: skip
-    planes = F.conv2d(F.pad(planes, (0, 0, radius, radius), mode="reflect"), kernels.view(-1, 1, kernel_size, 1),
-                      groups=n * channels)  # fmt: skip
-    return planes.view(n, channels, height, width)
+    planes = views.view(1, n * channels, height, width)
+    # Depthwise convolutions run several times faster channels-last (planes innermost), so the padded copy is made
+    # in that layout at once, its reflected borders copied from inside it.
+    if padded is None:
+        padded = _blur_buffer(n, channels, height, width, kernel_size, views)
+    padded = padded[:, : n * channels]
+    rows = slice(radius, radius + height)
+    padded[..., rows, radius : radius + width].copy_(planes)
+    padded[..., rows, :radius].copy_(padded[..., rows, radius + 1 : 2 * radius + 1].flip(-1))
+    padded[..., rows, radius + width :].copy_(padded[..., rows, width - 1 : width + radius - 1].flip(-1))
+    padded[..., :radius, :].copy_(padded[..., radius + 1 : 2 * radius + 1, :].flip(-2))
+    padded[..., radius + height :, :].copy_(padded[..., height - 1 : height + radius - 1, :].flip(-2))
+    blurred = F.conv2d(padded, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
+    planes.copy_(F.conv2d(blurred, kernels.view(-1, 1, kernel_size, 1), groups=n * channels))
+    return views
 
 
-# Colour jitter's operations, numbered as in `COLOR_ORDER`.
-_JITTER_OPERATIONS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+def _runs(flags: Sequence[bool], offset: int = 0) -> list[tuple[int, int]]:
+    """[start, stop) of each run of True in `flags`, shifted by `offset`."""
+    runs = []
+    for position, flag in enumerate(flags, offset):
+        if flag and runs and runs[-1][1] == position:
+            runs[-1] = (runs[-1][0], position + 1)
+        elif flag:
+            runs.append((position, position + 1))
+    return runs
+
+
+# Views per chunk of the batched colour augmentation, in pixels: on a CPU, four 224-px views, so a chunk and its
+# scratch planes stay in cache and the allocator hands the same small buffers back (fresh tensors of tens of MB cost
+# a page fault per 4 KiB); on an accelerator, large chunks to keep the kernel count low.
+_CHUNK_PIXELS = {"cpu": 4 * 224 * 224}
+_ACCELERATOR_CHUNK_PIXELS = 256 * 224 * 224
+
+
+@dataclass
+class _ColorPlan:
+    """The host's reading of a group's `view_parameters`: which view takes what, in an order that batches well.
+
+    Views are sorted by (blurred, position of the hue rotation), so the views rotating their hue at one jitter position
+    are at most two runs of a chunk and the blurred views its tail. Per-view weights (`_blend_`'s form) are in
+    `weights`, rows in that order.
+    """
+
+    order: torch.Tensor  # (n,) view indices, sorted
+    operations: list  # per sorted view, its 4 jitter operations (-1: none)
+    hue_position: list  # per sorted view, the position of its hue rotation (4: none)
+    gray: list
+    blurred: list
+    weights: torch.Tensor  # (n, 16) float32: scales (4), luma weights (4), mean weights (4), shift, keep, gray, sigma
+
+    @classmethod
+    def of(cls, parameters: torch.Tensor, color: ColorAugmentation) -> "_ColorPlan":
+        host = parameters.detach().to("cpu", torch.float64)
+        active = torch.tensor([strength > 0 for strength in color.strengths])
+        order = host[:, COLOR_ORDER].long()
+        jitter = host[:, COLOR_JITTER] > 0.5
+        operations = torch.where(jitter[:, None] & active[order], order, -1)
+        factors = host[:, COLOR_FACTORS].gather(1, operations.clamp(min=0))
+        is_hue = operations == 3
+        hue_position = torch.where(is_hue.any(1), is_hue.long().argmax(1), 4)
+        gray = host[:, COLOR_GRAY] > 0.5
+        blurred = host[:, COLOR_BLUR] > 0.5
+        weights = torch.cat(
+            [
+                torch.where((operations >= 0) & (operations < 3), factors, 1.0),
+                torch.where(operations == 2, 1.0 - factors, 0.0),
+                torch.where(operations == 1, 1.0 - factors, 0.0),
+                host[:, COLOR_FACTORS][:, 3:4],
+                (~gray).double()[:, None],
+                gray.double()[:, None],
+                host[:, COLOR_SIGMA : COLOR_SIGMA + 1],
+            ],
+            dim=1,
+        )
+        sorted_order = torch.argsort(blurred.long() * 8 + hue_position, stable=True)
+        return cls(
+            order=sorted_order,
+            operations=operations[sorted_order].tolist(),
+            hue_position=hue_position[sorted_order].tolist(),
+            gray=gray[sorted_order].tolist(),
+            blurred=blurred[sorted_order].tolist(),
+            weights=weights[sorted_order].float(),
+        )
+
+
+def _color_all_positions(views: torch.Tensor, weights: torch.Tensor, hue_at: torch.Tensor) -> torch.Tensor:
+    """The jitter and grayscale of `ViewAugmentation` in a fixed sequence, for `torch.compile`: returns new views.
+
+    Every view goes through `_blend_` and `_rotate_hue_` at each of the four positions and keeps the rotation where
+    `hue_at` says so, so the graph has no data-dependent branch and compiles once for any batch: each position fuses
+    into a reduction (the contrast means) and one elementwise kernel, where the eager chunks take some forty passes.
+
+    Args:
+        views: (n, 3, h, w) float in [0, 1].
+        weights: (n, 16), `_ColorPlan.weights`' columns, rows in `views`' order.
+        hue_at: (n, 4) bool, whether the view rotates its hue at that position.
+    """
+    scales, luma_weights, mean_weights = weights[:, 0:4], weights[:, 4:8], weights[:, 8:12]
+    shifts, keep, gray = weights[:, 12], weights[:, 13], weights[:, 14]
+    for position in range(4):
+        views = _blend_(views.clone(), scales[:, position], luma_weights[:, position], mean_weights[:, position])
+        rotated = _rotate_hue_(views.clone(), shifts)
+        views = torch.where(hue_at[:, position].view(-1, 1, 1, 1), rotated, views)
+    return _blend_(views, keep, gray, None)
+
 
 
 class ViewAugmentation:
     """The device part of the pretraining views: one batched colour augmentation of every view, then normalisation.
 
     Takes a batch of `MultiViewCrops` items (after `collate_views`, on the accelerator) and applies each view's
-    `ColorAugmentation` with its own parameters, without a Python loop over views: for each of the four jitter
-    positions and each operation, the views that apply it at that position are gathered and done together; grayscale
-    is one masked select; the blur is a depthwise convolution with one kernel per view. Views of the same size form
-    one batch (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`.
+    `ColorAugmentation` with its own parameters, without a Python loop over views. The host reads the parameters once
+    (`_ColorPlan`) and sorts the views so that those rotating their hue at the same jitter position, and those blurred,
+    sit together; then, chunk by chunk of that order: at each of the four jitter positions one pass of `_blend_`
+    (brightness, contrast and saturation are one per-view affine form, a view taking another operation there is left
+    exactly as it is) and one hue rotation per run of views; grayscale through `_blend_`; clamp; one depthwise blur of
+    the blurred run with a kernel per view. Views of the same size form one group (global and local views are two).
+    Then uint8 -> float and normalisation with `image_mean` / `image_std`.
 
-    The decisions (which views get which operation) are read from a host copy of ``view_parameters``, so the device
-    sees one small transfer and no synchronisation per operation.
+    Chunks: on a CPU a few views at a time (the chunk and its scratch stay in cache), on an accelerator up to
+    `_ACCELERATOR_CHUNK_PIXELS`. A view's result does not depend on its chunk or batch (tested).
 
     Args:
         color: the settings the parameters were drawn with (only the blur kernel size and which strengths are zero
             are read here); None skips colour augmentation (views are the normalised crops).
         image_mean, image_std: the model's normalisation (`config.image_mean`, `config.image_std`).
-        compile: `torch.compile` each operation (on CUDA they fuse into a few kernels each; the first batch then
-            takes the compile time, ~10-60 s).
+        compile: `torch.compile` the three kernels (`_blend_`, `_rotate_hue_`, `_gaussian_blur_`); each fuses into a
+            few kernels on CUDA. The first batch then takes the compile time (~10-60 s).
 
     Call: ``augment(batch)`` with ``global_crops`` (B, M, 3, S, S) uint8, ``local_crops`` (B, K, 3, s, s) uint8 and
     ``view_parameters`` (B, M + K, COLOR_PARAMETERS), all on one device. Returns the model's inputs on that device,
@@ -1021,11 +1163,9 @@ class ViewAugmentation:
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
         self.compile = compile
-        self._jitter, self._blur = _JITTER_OPERATIONS, _gaussian_blur
-        if compile:
-            # Each operation fuses into a few kernels; shapes vary with how many views take an operation.
-            self._jitter = tuple(torch.compile(operation, dynamic=True) for operation in _JITTER_OPERATIONS)
-            self._blur = torch.compile(_gaussian_blur, dynamic=True)
+        self._buffers: dict = {}
+        # Compiled, the jitter runs as one fixed graph over whole groups (`_color_all_positions`); eager, in chunks.
+        self._compiled = torch.compile(_color_all_positions, dynamic=True) if compile else None
 
     def __repr__(self) -> str:
         return (
@@ -1034,48 +1174,101 @@ class ViewAugmentation:
         )
 
     def color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor.
+        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor."""
+        return self.color_views_(views.clone(), parameters)
+
+    def color_views_(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """`color_views` in place on `views` (contiguous float), which it returns.
 
         With `compile`, a failure to compile (a backend missing on this machine) is logged once and the eager
-        operations take over: the same values, more slowly.
+        kernels take over: the same values, more slowly.
         """
-        if self._jitter is _JITTER_OPERATIONS:
-            return self._color_views(views, parameters)
-        try:
-            return self._color_views(views, parameters)
-        except Exception as error:  # torch.compile raises backend-specific types at the first call
-            logger.warning("compiling the view augmentation failed (%s: %s); running it eagerly", type(error).__name__, error)
-            self._jitter, self._blur = _JITTER_OPERATIONS, _gaussian_blur
-            return self._color_views(views, parameters)
-
-    def _color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        views = views.clone()
+        if not views.is_contiguous():
+            raise ValueError("color_views_ needs contiguous views (it works on them in place)")
         if self.color is None or views.shape[0] == 0:
             return views
-        host = parameters.detach().to("cpu", torch.float64)
+        plan = _ColorPlan.of(parameters, self.color)
+        if self._compiled is None:
+            return self._color_chunks_(views, plan)
+        try:
+            return self._color_compiled_(views, plan)
+        except Exception as error:  # torch.compile raises backend-specific types at the first call
+            logger.warning("compiling the view augmentation failed (%s: %s); running it eagerly", type(error).__name__, error)
+            self._compiled = None
+            return self._color_chunks_(views, plan)
+
+    def _color_compiled_(self, views: torch.Tensor, plan: _ColorPlan) -> torch.Tensor:
         device = views.device
+        order = plan.order.to(device, non_blocking=True)
+        weights = plan.weights.to(device, non_blocking=True)
+        hue_at = torch.tensor([[hue == position for position in range(4)] for hue in plan.hue_position], device=device)
+        colored = self._compiled(views.index_select(0, order), weights, hue_at).clamp_(0.0, 1.0)
+        blurred = _runs(plan.blurred)
+        for first, last in blurred:
+            sigmas = weights[first:last, 15]
+            _gaussian_blur_(colored[first:last], sigmas, self.color.blur_kernel_size)
+        return views.index_copy_(0, order, colored)
 
-        def where(selected: torch.Tensor) -> torch.Tensor | None:
-            index = selected.nonzero().flatten()
-            return index.to(device, non_blocking=True) if index.numel() else None
-
-        factors = parameters[:, COLOR_FACTORS].to(device, views.dtype)
-        jitter = host[:, COLOR_JITTER] > 0.5
-        order = host[:, COLOR_ORDER].long()
-        for position in range(4):
-            for operation, apply in enumerate(self._jitter):
-                index = None if self.color.strengths[operation] == 0 else where(jitter & (order[:, position] == operation))
-                if index is not None:
-                    views[index] = apply(views[index], factors[index, operation])
-        gray = where(host[:, COLOR_GRAY] > 0.5)
-        if gray is not None:
-            views[gray] = _grayscale(views[gray]).expand(-1, 3, -1, -1)
-        views.clamp_(0.0, 1.0)
-        blur = where(host[:, COLOR_BLUR] > 0.5)
-        if blur is not None:
-            sigmas = parameters[:, COLOR_SIGMA].to(device, views.dtype)[blur]
-            views[blur] = self._blur(views[blur], sigmas, self.color.blur_kernel_size)
+    def _color_chunks_(self, views: torch.Tensor, plan: _ColorPlan) -> torch.Tensor:
+        n, channels, height, width = views.shape
+        device = views.device
+        order = plan.order.to(device, non_blocking=True)
+        weights = plan.weights.to(device, non_blocking=True)
+        scales, luma_weights, mean_weights = weights[:, 0:4], weights[:, 4:8], weights[:, 8:12]
+        shifts, keep, gray, sigmas = weights.unbind(1)[12:16]
+        size = max(1, _CHUNK_PIXELS.get(device.type, _ACCELERATOR_CHUNK_PIXELS) // (height * width))
+        chunk_buffer, scratch, padded = self._workspace(min(size, n), views, self.color.blur_kernel_size)
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            index = order[start:stop]
+            chunk = torch.index_select(views, 0, index, out=chunk_buffer[: stop - start])
+            rows = slice(start, stop)
+            for position in range(4):
+                taken = [operations[position] for operations in plan.operations[rows]]
+                if any(0 <= operation < 3 for operation in taken):
+                    _blend_(
+                        chunk,
+                        scales[rows, position],
+                        luma_weights[rows, position] if 2 in taken else None,
+                        mean_weights[rows, position] if 1 in taken else None,
+                        scratch[0],
+                    )
+                for first, last in _runs([hue == position for hue in plan.hue_position[rows]]):
+                    _rotate_hue_(chunk[first:last], shifts[start + first : start + last], scratch)
+            grays = _runs(plan.gray[rows])
+            if grays:
+                first, last = grays[0][0], grays[-1][1]
+                span = slice(start + first, start + last)
+                _blend_(chunk[first:last], keep[span], gray[span], None, scratch[0])
+            chunk.clamp_(0.0, 1.0)
+            for first, last in _runs(plan.blurred[rows]):
+                blur_sigmas = sigmas[start + first : start + last]
+                _gaussian_blur_(chunk[first:last], blur_sigmas, self.color.blur_kernel_size, padded)
+            if device.type == "cpu":  # index_copy_ is serial there: ~3x slower than one copy per view
+                for row, view in enumerate(plan.order[rows].tolist()):
+                    views[view].copy_(chunk[row])
+            else:
+                views.index_copy_(0, index, chunk)
         return views
+
+    def _workspace(self, size: int, views: torch.Tensor, kernel_size: int) -> tuple:
+        """A chunk buffer (size, 3, h, w), seven scratch planes (size, h, w) and a `_blur_buffer` for `views`' shape.
+
+        On a CPU they are kept for the next batch: glibc hands large blocks back to the system on free, and faulting
+        fresh pages in costs as much as the work on them. Accelerators have caching allocators.
+        """
+        _, channels, height, width = views.shape
+        key = (views.device, views.dtype, size, channels, height, width, kernel_size)
+        if key in self._buffers:
+            return self._buffers[key]
+        buffers = (
+            torch.empty((size, channels, height, width), dtype=views.dtype, device=views.device),
+            torch.empty((7, size, height, width), dtype=views.dtype, device=views.device).unbind(0),
+            _blur_buffer(size, channels, height, width, kernel_size, views),
+        )
+        if views.device.type == "cpu":
+            self._buffers[key] = buffers
+        return buffers
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         global_crops, local_crops = batch["global_crops"], batch["local_crops"]
@@ -1086,9 +1279,8 @@ class ViewAugmentation:
             ("global_views", global_crops, parameters[:, :num_global]),
             ("local_views", local_crops, parameters[:, num_global:]),
         ):
-            flat = crops.flatten(0, 1).float().div_(255.0)
-            colored = self.color_views(flat, view_parameters.flatten(0, 1))
-            inputs[key] = normalize_images(colored, self.image_mean, self.image_std).view(crops.shape)
+            views = self.color_views_(crops.flatten(0, 1).float().div_(255.0), view_parameters.flatten(0, 1))
+            inputs[key] = normalize_images(views, self.image_mean, self.image_std, inplace=True).view(crops.shape)
         return inputs
 
 

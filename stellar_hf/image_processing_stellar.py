@@ -127,14 +127,17 @@ def _channel_statistics(images, mean, std):
     return mean, std
 
 
-def normalize_images(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD):
+def normalize_images(images, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, inplace=False):
     """
     Images on the [0, 1] scale -> the models' `pixel_values`: `(..., C, H, W)` -> the same shape, `(x - mean) / std`
     per channel (any leading dimensions: views, batch). A uint8 tensor is read as 0-255 and comes back float32.
+    `inplace`: normalise a float tensor in place and return it (no second copy of a large batch).
     """
     if not images.is_floating_point():
-        images = images.float().div_(255.0)
+        images, inplace = images.float().div_(255.0), True
     mean, std = _channel_statistics(images, mean, std)
+    if inplace:
+        return images.sub_(mean).div_(std)
     return (images - mean) / std
 
 

@@ -122,6 +122,76 @@ def test_batched_colour_matches_the_per_view_reference(settings):
     assert not torch.equal(actual, views)
 
 
+def edge_colours():
+    """(1, 3, 8, 40) float views: greys, the six primaries and secondaries, ties between channels, near-greys whose
+    chroma is a few ulps, and random colours."""
+    levels = (0.0, 1.0, 0.5, 1 / 3, 2 / 3)
+    named = [(a, b, c) for a in levels for b in levels for c in levels]  # every tie and sector boundary among them
+    near_grey = [(0.5, 0.5 + 1e-7, 0.5 - 1e-7), (1e-8, 0.0, 0.0), (1.0, 1.0 - 1e-7, 1.0)]
+    random = torch.rand(320 - len(named) - len(near_grey), 3, generator=torch.Generator().manual_seed(0)).tolist()
+    pixels = torch.tensor(named + near_grey + random, dtype=torch.float32)
+    return pixels.T.reshape(1, 3, 8, 40)
+
+
+@pytest.mark.parametrize("shift", [-0.5, -0.3, -0.1, 0.0, 0.05, 0.25, 0.5])
+def test_hue_rotation_matches_torchvision_on_edge_colours(shift):
+    import torchvision.transforms.v2.functional as TF
+
+    from stellar_hf.data import _rotate_hue_
+
+    views = edge_colours()
+    expected = TF.adjust_hue(views[0], shift)
+    actual = _rotate_hue_(views.clone(), torch.tensor([shift]))[0]
+    torch.testing.assert_close(actual, expected, atol=2e-6, rtol=0)
+    grey = views[0].amax(0) == views[0].amin(0)
+    assert torch.equal(actual[:, grey], views[0][:, grey]), "grey pixels keep their value"
+
+
+@pytest.mark.parametrize("size,kernel_size", [((10, 12), 9), ((24, 17), 5), ((7, 7), 3)])
+def test_blur_matches_torchvision_with_reflected_borders(size, kernel_size):
+    import torchvision.transforms.v2.functional as TF
+
+    from stellar_hf.data import _gaussian_blur_
+
+    views = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    sigmas = torch.tensor([0.1, 0.9, 2.0])
+    expected = torch.stack(
+        [TF.gaussian_blur(view, [kernel_size] * 2, [sigma] * 2) for view, sigma in zip(views, sigmas.tolist())]
+    )
+    torch.testing.assert_close(_gaussian_blur_(views.clone(), sigmas, kernel_size), expected, atol=1e-6, rtol=0)
+
+
+def test_chunks_colour_each_view_as_one_batch_does(monkeypatch):
+    # On a CPU the views go through in chunks of a few; a view's colours must not depend on its chunk.
+    import stellar_hf.data as data
+
+    reference = MultiViewTransform(40, 6, 0, 16, color_jitter_p=1.0, grayscale_p=0.3, blur_p=0.5)
+    views = torch.stack([torch.from_numpy(np.array(scene(40, seed))).permute(2, 0, 1) for seed in range(23)]) / 255
+    parameters = torch.cat(
+        [reference.draw(40, 40, torch.Generator().manual_seed(seed)).color_parameters for seed in range(4)]
+    )[:23]
+    whole = ViewAugmentation(reference.color).color_views(views, parameters)
+    for pixels in (40 * 40, 3 * 40 * 40, 7 * 40 * 40):  # chunks of 1, 3 and 7 views: runs cut at chunk edges
+        monkeypatch.setitem(data._CHUNK_PIXELS, "cpu", pixels)
+        augmentation = ViewAugmentation(reference.color)
+        torch.testing.assert_close(augmentation.color_views(views, parameters), whole, atol=1e-6, rtol=0)
+        # The kept buffers serve the next batch alike, and another view size gets its own.
+        torch.testing.assert_close(augmentation.color_views(views, parameters), whole, atol=1e-6, rtol=0)
+        augmentation.color_views(views[:5, :, :24, :24].contiguous(), parameters[:5])
+    expected = torch.stack([reference.color_view(view, row) for view, row in zip(views, parameters)])
+    torch.testing.assert_close(whole, expected, atol=2e-6, rtol=0)
+
+
+def test_in_place_colouring_refuses_views_it_cannot_write_through():
+    augmentation = ViewAugmentation()
+    views = torch.rand(2, 3, 16, 16)
+    parameters = MultiViewCrops(16, 2, 0, 8).draw(16, 16, torch.Generator().manual_seed(0)).color_parameters
+    colored = augmentation.color_views_(views, parameters)
+    assert colored is views
+    with pytest.raises(ValueError, match="contiguous"):
+        augmentation.color_views_(torch.rand(3, 2, 16, 16).transpose(0, 1), parameters)
+
+
 def test_two_paths_give_the_same_views_within_the_bound():
     image = photo()
     reference = MultiViewTransform(224, 8, 8, 96)
@@ -191,9 +261,8 @@ def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    augmentation = ViewAugmentation()
-    monkeypatch.setattr(augmentation, "_jitter", (broken,) * 4)
-    monkeypatch.setattr(augmentation, "_blur", broken)
+    augmentation = ViewAugmentation(compile=True)
+    monkeypatch.setattr(augmentation, "_compiled", broken)
     crops = MultiViewCrops(32, 2, 1, 16, color=ColorAugmentation(jitter_p=1.0))
     batch = collate_views([crops(scene(32, index), seed=index) for index in range(2)])
     with caplog.at_level("WARNING", logger="stellar_hf.data"):
