@@ -148,13 +148,13 @@ def photometric(args, image) -> dict:
             for view, row in zip(views, parameters):
                 reference.color_view(view, row)
 
-    # The batched path colours in place the float views it makes from the crops (`ViewAugmentation.__call__`):
-    # each round copies the views into one buffer per group and colours that.
+    # The batched path writes into a tensor it is given (`ViewAugmentation.__call__` colours the float views it makes
+    # from the crops in place): one output buffer per group, as a training loop reuses its batch memory.
     buffers = [torch.empty_like(views) for views, _ in groups]
 
     def batched_views(augmentation):
         for (views, parameters), buffer in zip(groups, buffers):
-            augmentation.color_views_(buffer.copy_(views), parameters)
+            augmentation.color_views(views, parameters, out=buffer)
 
     functions = {"per_view": per_view}
     for name, augmentation in batched.items():

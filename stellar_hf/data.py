@@ -996,40 +996,56 @@ def _rotate_hue_(
     torch.add(hue.unsqueeze(1), offsets + shifts.view(-1, 1, 1, 1), out=views)
     # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6).
     views.frac_().sub_(0.5).abs_().sub_(1.0 / 6.0).clamp_(0.0, 1.0 / 6.0)
-    return views.mul_(chroma.mul_(6.0).unsqueeze(1)).add_(low.unsqueeze(1))
+    return torch.addcmul(low.unsqueeze(1), views, chroma.mul_(6.0).unsqueeze(1), out=views)
 
 
-def _blur_buffer(n: int, channels: int, height: int, width: int, kernel_size: int, like: torch.Tensor) -> torch.Tensor:
-    """The channels-last, reflect-padded copy `_gaussian_blur_` works on, for up to n views."""
+def _blur_buffers(n: int, channels: int, height: int, width: int, kernel_size: int, like: torch.Tensor) -> tuple:
+    """Scratch for `_gaussian_blur_` on up to n views: the views padded across, padded down, and a pair sum."""
     radius = kernel_size // 2
-    shape = (1, n * channels, height + 2 * radius, width + 2 * radius)
-    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+    return (
+        like.new_empty((n, channels, height, width + 2 * radius)),
+        like.new_empty((n, channels, height + 2 * radius, width)),
+        like.new_empty((n, channels, height, width)),
+    )
+
+
+def _reflect_borders_(padded: torch.Tensor, radius: int, dim: int) -> None:
+    """Fill the `radius` border rows (dim -2) or columns (dim -1) of `padded` by reflection of its inside."""
+    size = padded.shape[dim] - 2 * radius
+    padded.narrow(dim, 0, radius).copy_(padded.narrow(dim, radius + 1, radius).flip(dim))
+    padded.narrow(dim, radius + size, radius).copy_(padded.narrow(dim, size - 1, radius).flip(dim))
 
 
 def _gaussian_blur_(
-    views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int, padded: Optional[torch.Tensor] = None
+    views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int, buffers: Optional[tuple] = None
 ) -> torch.Tensor:
-    """Blur each of the (n, 3, h, w) views with its own sigma, in place: two 1-D depthwise passes over a reflect-padded
-    copy (the 2-D kernel torchvision uses is their outer product). `padded`: a `_blur_buffer` for >= n views."""
+    """Blur each of the (n, 3, h, w) views with its own sigma, in place: across then down, each pass a sum of the
+    views shifted by each tap over a reflect-padded copy (the 2-D kernel torchvision uses is the outer product of the
+    two 1-D ones). The kernel is symmetric, so each pass adds the pairs of taps at the same distance first.
+    `buffers`: `_blur_buffers` for >= n views (None: allocated).
+
+    Shifted sums rather than a depthwise convolution: a convolution with one kernel per plane is fast only
+    channels-last, and the two transposing copies to and from that layout cost more than the sums.
+    """
     n, channels, height, width = views.shape
     radius = kernel_size // 2
     positions = torch.arange(-radius, radius + 1, dtype=views.dtype, device=views.device)
     kernels = torch.exp(-0.5 * (positions / sigmas.view(-1, 1)) ** 2)
-    kernels = (kernels / kernels.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (n * 3, k)
-    planes = views.view(1, n * channels, height, width)
-    # Depthwise convolutions run several times faster channels-last (planes innermost), so the padded copy is made
-    # in that layout at once, its reflected borders copied from inside it.
-    if padded is None:
-        padded = _blur_buffer(n, channels, height, width, kernel_size, views)
-    padded = padded[:, : n * channels]
-    rows = slice(radius, radius + height)
-    padded[..., rows, radius : radius + width].copy_(planes)
-    padded[..., rows, :radius].copy_(padded[..., rows, radius + 1 : 2 * radius + 1].flip(-1))
-    padded[..., rows, radius + width :].copy_(padded[..., rows, width - 1 : width + radius - 1].flip(-1))
-    padded[..., :radius, :].copy_(padded[..., radius + 1 : 2 * radius + 1, :].flip(-2))
-    padded[..., radius + height :, :].copy_(padded[..., height - 1 : height + radius - 1, :].flip(-2))
-    blurred = F.conv2d(padded, kernels.view(-1, 1, 1, kernel_size), groups=n * channels)
-    planes.copy_(F.conv2d(blurred, kernels.view(-1, 1, kernel_size, 1), groups=n * channels))
+    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, k)
+    taps = [kernels[:, radius + distance].view(-1, 1, 1, 1) for distance in range(radius + 1)]
+    if buffers is None:
+        buffers = _blur_buffers(n, channels, height, width, kernel_size, views)
+    across, down, pair = (buffer[:n] for buffer in buffers)
+    for padded, dim, result in ((across, -1, None), (down, -2, views)):
+        size = padded.shape[dim] - 2 * radius
+        if result is None:  # across: pad the views; its result is the inside of `down`
+            padded.narrow(dim, radius, size).copy_(views)
+            result = down.narrow(-2, radius, height)
+        _reflect_borders_(padded, radius, dim)
+        torch.mul(padded.narrow(dim, radius, size), taps[0], out=result)
+        for distance in range(1, radius + 1):
+            torch.add(padded.narrow(dim, radius - distance, size), padded.narrow(dim, radius + distance, size), out=pair)
+            result.addcmul_(pair, taps[distance])
     return views
 
 
@@ -1064,6 +1080,7 @@ class _ColorPlan:
     operations: list  # per sorted view, its 4 jitter operations (-1: none)
     hue_position: list  # per sorted view, the position of its hue rotation (4: none)
     gray: list
+    unclamped: list  # per sorted view: its last step is not a `_blend_` (which clamps), so it needs the clamp
     blurred: list
     weights: torch.Tensor  # (n, 16) float32: scales (4), luma weights (4), mean weights (4), shift, keep, gray, sigma
 
@@ -1079,6 +1096,11 @@ class _ColorPlan:
         hue_position = torch.where(is_hue.any(1), is_hue.long().argmax(1), 4)
         gray = host[:, COLOR_GRAY] > 0.5
         blurred = host[:, COLOR_BLUR] > 0.5
+        # A hue rotation can end a view 1 ulp outside [0, 1], and the input itself is not checked.
+        applied = operations >= 0
+        last = torch.where(applied.any(1), 3 - applied.flip(1).long().argmax(1), -1)
+        last_is_hue = operations.gather(1, last.clamp(min=0)[:, None])[:, 0] == 3
+        unclamped = ~gray & ((last < 0) | last_is_hue)
         weights = torch.cat(
             [
                 torch.where((operations >= 0) & (operations < 3), factors, 1.0),
@@ -1097,6 +1119,7 @@ class _ColorPlan:
             operations=operations[sorted_order].tolist(),
             hue_position=hue_position[sorted_order].tolist(),
             gray=gray[sorted_order].tolist(),
+            unclamped=unclamped[sorted_order].tolist(),
             blurred=blurred[sorted_order].tolist(),
             weights=weights[sorted_order].float(),
         )
@@ -1173,31 +1196,39 @@ class ViewAugmentation:
             f"compile={self.compile})"
         )
 
-    def color_views(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters; returns a new tensor."""
-        return self.color_views_(views.clone(), parameters)
+    def color_views(
+        self, views: torch.Tensor, parameters: torch.Tensor, out: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Colour (n, 3, h, w) float views in [0, 1] with their (n, COLOR_PARAMETERS) parameters.
 
-    def color_views_(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
-        """`color_views` in place on `views` (contiguous float), which it returns.
-
-        With `compile`, a failure to compile (a backend missing on this machine) is logged once and the eager
-        kernels take over: the same values, more slowly.
+        Returns `out` (a contiguous tensor of the views' shape and dtype; default: a new one), which may be `views`
+        itself (`color_views_`). With `compile`, a failure to compile (a backend missing on this machine) is logged
+        once and the eager kernels take over: the same values, more slowly.
         """
-        if not views.is_contiguous():
-            raise ValueError("color_views_ needs contiguous views (it works on them in place)")
+        if out is None:
+            out = torch.empty_like(views, memory_format=torch.contiguous_format)
+        if out.shape != views.shape or out.dtype != views.dtype or out.device != views.device:
+            raise ValueError(f"out must match the views ({tuple(views.shape)}, {views.dtype}, {views.device}), got "
+                             f"{tuple(out.shape)}, {out.dtype}, {out.device}")  # fmt: skip
+        if not out.is_contiguous():
+            raise ValueError("the views are coloured into a contiguous tensor; out (or views, in place) is not")
         if self.color is None or views.shape[0] == 0:
-            return views
+            return out if out is views else out.copy_(views)
         plan = _ColorPlan.of(parameters, self.color)
         if self._compiled is None:
-            return self._color_chunks_(views, plan)
+            return self._color_chunks(views, plan, out)
         try:
-            return self._color_compiled_(views, plan)
+            return self._color_compiled(views, plan, out)
         except Exception as error:  # torch.compile raises backend-specific types at the first call
             logger.warning("compiling the view augmentation failed (%s: %s); running it eagerly", type(error).__name__, error)
             self._compiled = None
-            return self._color_chunks_(views, plan)
+            return self._color_chunks(views, plan, out)
 
-    def _color_compiled_(self, views: torch.Tensor, plan: _ColorPlan) -> torch.Tensor:
+    def color_views_(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
+        """`color_views` in place on `views` (contiguous), which it returns."""
+        return self.color_views(views, parameters, out=views)
+
+    def _color_compiled(self, views: torch.Tensor, plan: _ColorPlan, out: torch.Tensor) -> torch.Tensor:
         device = views.device
         order = plan.order.to(device, non_blocking=True)
         weights = plan.weights.to(device, non_blocking=True)
@@ -1207,9 +1238,10 @@ class ViewAugmentation:
         for first, last in blurred:
             sigmas = weights[first:last, 15]
             _gaussian_blur_(colored[first:last], sigmas, self.color.blur_kernel_size)
-        return views.index_copy_(0, order, colored)
+        return out.index_copy_(0, order, colored)
 
-    def _color_chunks_(self, views: torch.Tensor, plan: _ColorPlan) -> torch.Tensor:
+    def _color_chunks(self, views: torch.Tensor, plan: _ColorPlan, out: torch.Tensor) -> torch.Tensor:
+        """Each chunk of the sorted views is gathered from `views`, coloured, and written to `out` in place."""
         n, channels, height, width = views.shape
         device = views.device
         order = plan.order.to(device, non_blocking=True)
@@ -1217,7 +1249,7 @@ class ViewAugmentation:
         scales, luma_weights, mean_weights = weights[:, 0:4], weights[:, 4:8], weights[:, 8:12]
         shifts, keep, gray, sigmas = weights.unbind(1)[12:16]
         size = max(1, _CHUNK_PIXELS.get(device.type, _ACCELERATOR_CHUNK_PIXELS) // (height * width))
-        chunk_buffer, scratch, padded = self._workspace(min(size, n), views, self.color.blur_kernel_size)
+        chunk_buffer, scratch, blur_buffers = self._workspace(min(size, n), views, self.color.blur_kernel_size)
         for start in range(0, n, size):
             stop = min(start + size, n)
             index = order[start:stop]
@@ -1225,34 +1257,35 @@ class ViewAugmentation:
             rows = slice(start, stop)
             for position in range(4):
                 taken = [operations[position] for operations in plan.operations[rows]]
-                if any(0 <= operation < 3 for operation in taken):
+                # Only the runs of views that blend here: those rotating their hue, or not jittered, are skipped.
+                for first, last in _runs([0 <= operation < 3 for operation in taken]):
+                    span, taken_here = slice(start + first, start + last), taken[first:last]
                     _blend_(
-                        chunk,
-                        scales[rows, position],
-                        luma_weights[rows, position] if 2 in taken else None,
-                        mean_weights[rows, position] if 1 in taken else None,
+                        chunk[first:last],
+                        scales[span, position],
+                        luma_weights[span, position] if 2 in taken_here else None,
+                        mean_weights[span, position] if 1 in taken_here else None,
                         scratch[0],
                     )
                 for first, last in _runs([hue == position for hue in plan.hue_position[rows]]):
                     _rotate_hue_(chunk[first:last], shifts[start + first : start + last], scratch)
-            grays = _runs(plan.gray[rows])
-            if grays:
-                first, last = grays[0][0], grays[-1][1]
+            for first, last in _runs(plan.gray[rows]):
                 span = slice(start + first, start + last)
                 _blend_(chunk[first:last], keep[span], gray[span], None, scratch[0])
-            chunk.clamp_(0.0, 1.0)
+            for first, last in _runs(plan.unclamped[rows]):
+                chunk[first:last].clamp_(0.0, 1.0)
             for first, last in _runs(plan.blurred[rows]):
                 blur_sigmas = sigmas[start + first : start + last]
-                _gaussian_blur_(chunk[first:last], blur_sigmas, self.color.blur_kernel_size, padded)
+                _gaussian_blur_(chunk[first:last], blur_sigmas, self.color.blur_kernel_size, blur_buffers)
             if device.type == "cpu":  # index_copy_ is serial there: ~3x slower than one copy per view
                 for row, view in enumerate(plan.order[rows].tolist()):
-                    views[view].copy_(chunk[row])
+                    out[view].copy_(chunk[row])
             else:
-                views.index_copy_(0, index, chunk)
-        return views
+                out.index_copy_(0, index, chunk)
+        return out
 
     def _workspace(self, size: int, views: torch.Tensor, kernel_size: int) -> tuple:
-        """A chunk buffer (size, 3, h, w), seven scratch planes (size, h, w) and a `_blur_buffer` for `views`' shape.
+        """A chunk buffer (size, 3, h, w), seven scratch planes (size, h, w) and `_blur_buffers` for `views`' shape.
 
         On a CPU they are kept for the next batch: glibc hands large blocks back to the system on free, and faulting
         fresh pages in costs as much as the work on them. Accelerators have caching allocators.
@@ -1264,7 +1297,7 @@ class ViewAugmentation:
         buffers = (
             torch.empty((size, channels, height, width), dtype=views.dtype, device=views.device),
             torch.empty((7, size, height, width), dtype=views.dtype, device=views.device).unbind(0),
-            _blur_buffer(size, channels, height, width, kernel_size, views),
+            _blur_buffers(size, channels, height, width, kernel_size, views),
         )
         if views.device.type == "cpu":
             self._buffers[key] = buffers
