@@ -1129,8 +1129,9 @@ def _color_all_positions(views: torch.Tensor, weights: torch.Tensor, hue_at: tor
     """The jitter and grayscale of `ViewAugmentation` in a fixed sequence, for `torch.compile`: returns new views.
 
     Every view goes through `_blend_` and `_rotate_hue_` at each of the four positions and keeps the rotation where
-    `hue_at` says so, so the graph has no data-dependent branch and compiles once for any batch: each position fuses
-    into a reduction (the contrast means) and one elementwise kernel, where the eager chunks take some forty passes.
+    `hue_at` says so, so the graph has no data-dependent branch and compiles once for any batch, and inductor may fuse
+    each position into a reduction (the contrast means) and one elementwise kernel where the eager chunks take some
+    forty passes per view.
 
     Args:
         views: (n, 3, h, w) float in [0, 1].
@@ -1155,9 +1156,9 @@ class ViewAugmentation:
     (`_ColorPlan`) and sorts the views so that those rotating their hue at the same jitter position, and those blurred,
     sit together; then, chunk by chunk of that order: at each of the four jitter positions one pass of `_blend_`
     (brightness, contrast and saturation are one per-view affine form, a view taking another operation there is left
-    exactly as it is) and one hue rotation per run of views; grayscale through `_blend_`; clamp; one depthwise blur of
-    the blurred run with a kernel per view. Views of the same size form one group (global and local views are two).
-    Then uint8 -> float and normalisation with `image_mean` / `image_std`.
+    exactly as it is) and one hue rotation per run of views; grayscale through `_blend_`; the clamp where the last step
+    was not a blend; one blur of the blurred run, each view with its own kernel. Views of the same size form one group
+    (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`, in place.
 
     Chunks: on a CPU a few views at a time (the chunk and its scratch stay in cache), on an accelerator up to
     `_ACCELERATOR_CHUNK_PIXELS`. A view's result does not depend on its chunk or batch (tested).
@@ -1166,8 +1167,9 @@ class ViewAugmentation:
         color: the settings the parameters were drawn with (only the blur kernel size and which strengths are zero
             are read here); None skips colour augmentation (views are the normalised crops).
         image_mean, image_std: the model's normalisation (`config.image_mean`, `config.image_std`).
-        compile: `torch.compile` the three kernels (`_blend_`, `_rotate_hue_`, `_gaussian_blur_`); each fuses into a
-            few kernels on CUDA. The first batch then takes the compile time (~10-60 s).
+        compile: run the jitter as one fixed `torch.compile` graph per group (`_color_all_positions`) instead of the
+            eager chunks; the first batch takes the compile time (~20-60 s). Not yet measured on an accelerator; on
+            a CPU inductor's code for it is slower than the eager chunks (docs/benchmarks.md).
 
     Call: ``augment(batch)`` with ``global_crops`` (B, M, 3, S, S) uint8, ``local_crops`` (B, K, 3, s, s) uint8 and
     ``view_parameters`` (B, M + K, COLOR_PARAMETERS), all on one device. Returns the model's inputs on that device,
