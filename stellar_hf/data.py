@@ -22,6 +22,7 @@ training device by `ViewAugmentation` (or `normalize`, or the image processor).
 from __future__ import annotations
 
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -915,9 +916,31 @@ class MultiViewTransform(MultiViewCrops):
         }
 
 
+_CONSTANTS: dict = {}
+
+
+def _constant(values: tuple, like: torch.Tensor, shape: tuple = (-1,)) -> torch.Tensor:
+    """`values` as a tensor of `like`'s dtype and device viewed as `shape`, made once: the colour kernels run a few
+    hundred times per batch on small runs of views, where making a tensor costs as much as a pass over one."""
+    key = (values, shape, like.dtype, like.device)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+    return _CONSTANTS[key]
+
+
+def _per_view(values: torch.Tensor) -> torch.Tensor:
+    """(n,) per-view values -> (n, 1, 1, 1), to broadcast over each view's channels and pixels (kept if already so)."""
+    return values if values.dim() == 4 else values.view(-1, 1, 1, 1)
+
+
+def _planes(scratch: Sequence[torch.Tensor], n: int) -> Sequence[torch.Tensor]:
+    """The first n views of each (>= n, 1, h, w) scratch plane."""
+    return scratch if scratch[0].shape[0] == n else [plane[:n] for plane in scratch]
+
+
 def _luma_into(views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) views -> their (n, h, w) luma written into `out`, computed as torchvision's rgb_to_grayscale."""
-    red, green, blue = views.unbind(1)
+    """(n, 3, h, w) views -> their (n, 1, h, w) luma written into `out`, computed as torchvision's rgb_to_grayscale."""
+    red, green, blue = views.unsqueeze(2).unbind(1)
     torch.mul(red, _LUMA[0], out=out)
     return out.add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2])
 
@@ -935,23 +958,33 @@ def _blend_(
 
     Brightness b is (b, 0, 0), contrast c is (c, 0, 1 - c), saturation s is (s, 1 - s, 0), grayscale is (0, 1, 0) and
     a view left alone is (1, 0, 0). The zero terms add exact zeros, so each view gets torchvision's values whatever
-    the other views of its batch take. `scales`, `luma_weights`, `mean_weights`: (n,) on the views' device; None for
-    all zeros (the pass is skipped). `plane`: (>= n, h, w) scratch (None: allocated).
+    the other views of its batch take. `scales`, `luma_weights`, `mean_weights`: (n,) or (n, 1, 1, 1) on the views'
+    device; None for all zeros (the pass is skipped). `plane`: (>= n, 1, h, w) scratch (None: allocated).
     """
     if luma_weights is not None:
         if plane is None:
-            plane = views.new_empty((views.shape[0], *views.shape[2:]))
-        luma = _luma_into(views, plane[: views.shape[0]]).unsqueeze(1)
+            plane = views.new_empty((views.shape[0], 1, *views.shape[2:]))
+        luma = _luma_into(views, _planes((plane,), views.shape[0])[0])
     if mean_weights is not None:
         # The mean of the luma image is the luma of the channel means: no luma image needed for it.
-        mean_luma = views.mean((-2, -1)) @ torch.tensor(_LUMA, dtype=views.dtype, device=views.device)
-        offsets = (mean_luma * mean_weights).view(-1, 1, 1, 1)
-    views.mul_(scales.view(-1, 1, 1, 1))
+        mean_luma = views.mean((-2, -1)) @ _constant(_LUMA, views)
+        offsets = mean_luma.view(-1, 1, 1, 1).mul_(_per_view(mean_weights))
+    views.mul_(_per_view(scales))
     if luma_weights is not None:
-        views.addcmul_(luma, luma_weights.view(-1, 1, 1, 1))
+        views.addcmul_(luma, _per_view(luma_weights))
     if mean_weights is not None:
         views.add_(offsets)
     return views.clamp_(0.0, 1.0)
+
+
+def _toward_luma_(views: torch.Tensor, factors: torch.Tensor, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Saturation with per-view `factors` ((n,) or (n, 1, 1, 1)), in place on (n, 3, h, w) views in [0, 1]:
+    ``clamp(factor * views + (1 - factor) * luma(views), 0, 1)``, the `_blend_` form (s, 1 - s, 0) in one pass
+    (`lerp`, float rounding apart); factor 0 is grayscale, luma exactly. `plane`: (>= n, 1, h, w) scratch."""
+    if plane is None:
+        plane = views.new_empty((views.shape[0], 1, *views.shape[2:]))
+    luma = _luma_into(views, _planes((plane,), views.shape[0])[0])
+    return torch.lerp(luma, views, _per_view(factors), out=views).clamp_(0.0, 1.0)
 
 
 # Channel c of an HSV colour is ``v - chroma * T(6 * hue + m_c)`` with m_c = 5, 3, 1 for red, green, blue and T the
@@ -965,99 +998,121 @@ _HUE_OFFSETS = tuple((m - 2) / 6 + 1.5 for m in (5.0, 3.0, 1.0))
 def _rotate_hue_(
     views: torch.Tensor, shifts: torch.Tensor, scratch: Optional[Sequence[torch.Tensor]] = None
 ) -> torch.Tensor:
-    """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` (n,) turns, through HSV as torchvision's adjust_hue,
-    in place. `scratch`: seven (>= n, h, w) planes (None: allocated).
+    """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` ((n,) or (n, 1, 1, 1)) turns, through HSV as
+    torchvision's adjust_hue, in place. `scratch`: seven (>= n, 1, h, w) planes (None: allocated).
 
     No HSV image is built: the hue comes from the sector of the largest channel, with the sector masks as float
     weights (boolean selects are slow on CPUs), and each output channel is ``min + chroma * clamp(|k - 2| - 1, 0, 1)``
     (see `_HUE_OFFSETS`), written with `frac` and `abs`. A grey pixel (chroma 0) keeps its value whatever its hue.
     """
     n = views.shape[0]
-    red, green, blue = views.unbind(1)
+    red, green, blue = views.unsqueeze(2).unbind(1)
     if scratch is None:
-        scratch = views.new_empty((7, n, *views.shape[2:])).unbind(0)
-    value, low, chroma, red_max, green_max, hue, term = (plane[:n] for plane in scratch)
+        scratch = views.new_empty((7, n, 1, *views.shape[2:])).unbind(0)
+    value, low, chroma, red_max, green_max, hue, term = _planes(scratch, n)
     torch.maximum(torch.maximum(red, green, out=value), blue, out=value)
     torch.minimum(torch.minimum(red, green, out=low), blue, out=low)
     torch.sub(value, low, out=chroma)
-    # Sector of the largest channel, ties to red then green as torchvision: weights 1.0 / 0.0.
+    # Where red, and green, is the largest channel: weights 1.0 / 0.0.
     torch.ge(red, value, out=red_max)
-    torch.ge(green, value, out=green_max).addcmul_(green_max, red_max, value=-1.0)
-    # hue * chroma in sixths of a turn: the blue sector's (r - g + 4 chroma), moved to the red sector's (g - b) and
-    # the green sector's (b - r + 2 chroma) by their weights.
+    torch.ge(green, value, out=green_max)
+    # hue * chroma in sixths of a turn: the blue sector's (r - g + 4 chroma), replaced by the green sector's
+    # (b - r + 2 chroma) where green is largest, then by the red sector's (g - b) where red is, so ties go to red, then
+    # green, as torchvision's. A lerp with weight exactly 0 or 1 returns one of its ends exactly.
     torch.sub(red, green, out=hue).add_(chroma, alpha=4.0)
-    torch.add(green, green, out=term).sub_(blue).sub_(red).sub_(chroma, alpha=4.0)
-    hue.addcmul_(red_max, term)
-    torch.add(blue, green, out=term).sub_(red, alpha=2.0).sub_(chroma, alpha=2.0)
-    hue.addcmul_(green_max, term)
-    # For a grey pixel hue * chroma is 0 and any finite hue will do: its chroma cancels the hue below.
-    hue.div_(torch.clamp(chroma, min=1e-12, out=term).mul_(6.0))
-    offsets = torch.tensor(_HUE_OFFSETS, dtype=views.dtype, device=views.device).view(1, 3, 1, 1)
-    torch.add(hue.unsqueeze(1), offsets + shifts.view(-1, 1, 1, 1), out=views)
-    # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6).
-    views.frac_().sub_(0.5).abs_().sub_(1.0 / 6.0).clamp_(0.0, 1.0 / 6.0)
-    return torch.addcmul(low.unsqueeze(1), views, chroma.mul_(6.0).unsqueeze(1), out=views)
+    torch.sub(blue, red, out=term).add_(chroma, alpha=2.0)
+    torch.lerp(hue, term, green_max, out=hue)
+    torch.lerp(hue, torch.sub(green, blue, out=term), red_max, out=hue)
+    # The hue in sixths of a turn. For a grey pixel hue * chroma is 0 and any finite hue will do: its chroma cancels
+    # the hue below.
+    hue.div_(torch.clamp(chroma, min=1e-12, out=term))
+    offsets = _constant(_HUE_OFFSETS, views, (1, 3, 1, 1)) + _per_view(shifts)
+    torch.add(offsets, hue, alpha=1.0 / 6.0, out=views)
+    # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6)
+    # = (min - chroma) + 6 chroma clamp(|k - 2| / 6, 1/6, 1/3), one pass fewer over the three channels.
+    views.frac_().sub_(0.5).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
+    low.sub_(chroma)
+    return torch.addcmul(low, views, chroma.mul_(6.0), out=views)
 
 
-def _blur_buffers(n: int, channels: int, height: int, width: int, kernel_size: int, like: torch.Tensor) -> tuple:
-    """Scratch for `_gaussian_blur_` on up to n views: the views padded across, padded down, and a pair sum."""
+def _blur_taps(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(n,) sigmas -> (kernel_size // 2 + 1, n, 1, 1, 1): the weights at distance 0, 1, ... of each view's normalised
+    1-D Gaussian kernel of `kernel_size` taps, as torchvision's gaussian_blur makes it."""
     radius = kernel_size // 2
-    return (
-        like.new_empty((n, channels, height, width + 2 * radius)),
-        like.new_empty((n, channels, height + 2 * radius, width)),
-        like.new_empty((n, channels, height, width)),
-    )
+    positions = torch.arange(-radius, radius + 1, dtype=sigmas.dtype, device=sigmas.device)
+    kernels = torch.exp(-0.5 * (positions / sigmas.view(-1, 1)) ** 2)
+    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, kernel_size)
+    return kernels[:, radius:].t().reshape(radius + 1, -1, 1, 1, 1)
 
 
-def _reflect_borders_(padded: torch.Tensor, radius: int, dim: int) -> None:
-    """Fill the `radius` border rows (dim -2) or columns (dim -1) of `padded` by reflection of its inside."""
-    size = padded.shape[dim] - 2 * radius
-    padded.narrow(dim, 0, radius).copy_(padded.narrow(dim, radius + 1, radius).flip(dim))
-    padded.narrow(dim, radius + size, radius).copy_(padded.narrow(dim, size - 1, radius).flip(dim))
+class _BlurBuffers(dict):
+    """Scratch for `_gaussian_blur_` on up to `size` (channels, height, width) views with a kernel of `radius`: the
+    views padded across, padded down, and a pair sum. Indexed by a view count n, it gives what the passes over n
+    views read and write (the shifted windows of each padded buffer, its borders with the insides they reflect, the
+    pair sum), cut once per n: a cut costs as much as a pass over a small view.
+    """
+
+    def __init__(self, size: int, channels: int, height: int, width: int, radius: int, like: torch.Tensor):
+        super().__init__()
+        self.radius = radius
+        self.across = like.new_empty((size, channels, height, width + 2 * radius))
+        self.down = like.new_empty((size, channels, height + 2 * radius, width))
+        self.pair = like.new_empty((size, channels, height, width))
+
+    def __missing__(self, n: int) -> tuple:
+        radius = self.radius
+        passes = []
+        for padded, dim in ((self.across[:n], -1), (self.down[:n], -2)):
+            size = padded.shape[dim] - 2 * radius
+            windows = [padded.narrow(dim, offset, size) for offset in range(2 * radius + 1)]
+            borders = [
+                (padded.narrow(dim, 0, radius), padded.narrow(dim, radius + 1, radius)),
+                (padded.narrow(dim, radius + size, radius), padded.narrow(dim, size - 1, radius)),
+            ]
+            passes.append((dim, windows, borders))
+        self[n] = (passes, self.pair[:n])
+        return self[n]
 
 
-def _gaussian_blur_(
-    views: torch.Tensor, sigmas: torch.Tensor, kernel_size: int, buffers: Optional[tuple] = None
-) -> torch.Tensor:
-    """Blur each of the (n, 3, h, w) views with its own sigma, in place: across then down, each pass a sum of the
+def _gaussian_blur_(views: torch.Tensor, taps: torch.Tensor, buffers: Optional[_BlurBuffers] = None) -> torch.Tensor:
+    """Blur each of the (n, 3, h, w) views with its own kernel, in place: across then down, each pass a sum of the
     views shifted by each tap over a reflect-padded copy (the 2-D kernel torchvision uses is the outer product of the
     two 1-D ones). The kernel is symmetric, so each pass adds the pairs of taps at the same distance first.
-    `buffers`: `_blur_buffers` for >= n views (None: allocated).
+    `taps`: the views' `_blur_taps`; `buffers`: `_BlurBuffers` for >= n views (None: allocated).
 
     Shifted sums rather than a depthwise convolution: a convolution with one kernel per plane is fast only
     channels-last, and the two transposing copies to and from that layout cost more than the sums.
     """
-    n, channels, height, width = views.shape
-    radius = kernel_size // 2
-    positions = torch.arange(-radius, radius + 1, dtype=views.dtype, device=views.device)
-    kernels = torch.exp(-0.5 * (positions / sigmas.view(-1, 1)) ** 2)
-    kernels = kernels / kernels.sum(1, keepdim=True)  # (n, k)
-    taps = [kernels[:, radius + distance].view(-1, 1, 1, 1) for distance in range(radius + 1)]
+    radius = taps.shape[0] - 1
     if buffers is None:
-        buffers = _blur_buffers(n, channels, height, width, kernel_size, views)
-    across, down, pair = (buffer[:n] for buffer in buffers)
-    for padded, dim, result in ((across, -1, None), (down, -2, views)):
-        size = padded.shape[dim] - 2 * radius
-        if result is None:  # across: pad the views; its result is the inside of `down`
-            padded.narrow(dim, radius, size).copy_(views)
-            result = down.narrow(-2, radius, height)
-        _reflect_borders_(padded, radius, dim)
-        torch.mul(padded.narrow(dim, radius, size), taps[0], out=result)
+        buffers = _BlurBuffers(views.shape[0], *views.shape[1:], radius, views)
+    (across, down), pair = buffers[views.shape[0]]
+    taps = taps.unbind(0)
+    # The views into the inside of the across buffer; the across pass writes the inside of the down buffer.
+    across[1][radius].copy_(views)
+    for (dim, windows, borders), result in ((across, down[1][radius]), (down, views)):
+        for border, inside in borders:
+            border.copy_(inside.flip(dim))
+        torch.mul(windows[radius], taps[0], out=result)
         for distance in range(1, radius + 1):
-            torch.add(padded.narrow(dim, radius - distance, size), padded.narrow(dim, radius + distance, size), out=pair)
+            torch.add(windows[radius - distance], windows[radius + distance], out=pair)
             result.addcmul_(pair, taps[distance])
     return views
 
 
+def _groups(values: Sequence, offset: int = 0) -> list[tuple[Any, int, int]]:
+    """(value, start, stop) of each run of equal `values`, positions shifted by `offset`."""
+    groups, start = [], offset
+    for value, members in itertools.groupby(values):
+        stop = start + sum(1 for _ in members)
+        groups.append((value, start, stop))
+        start = stop
+    return groups
+
+
 def _runs(flags: Sequence[bool], offset: int = 0) -> list[tuple[int, int]]:
     """[start, stop) of each run of True in `flags`, shifted by `offset`."""
-    runs = []
-    for position, flag in enumerate(flags, offset):
-        if flag and runs and runs[-1][1] == position:
-            runs[-1] = (runs[-1][0], position + 1)
-        elif flag:
-            runs.append((position, position + 1))
-    return runs
+    return [(start, stop) for flag, start, stop in _groups(flags, offset) if flag]
 
 
 # Views per chunk of the batched colour augmentation, in pixels: on a CPU, three 224-px views (2 to 4 measure within
@@ -1077,6 +1132,7 @@ class _ColorPlan:
     """
 
     order: torch.Tensor  # (n,) view indices, sorted
+    order_list: list  # the same, on the host
     operations: list  # per sorted view, its 4 jitter operations (-1: none)
     hue_position: list  # per sorted view, the position of its hue rotation (4: none)
     gray: list
@@ -1113,9 +1169,14 @@ class _ColorPlan:
             ],
             dim=1,
         )
-        sorted_order = torch.argsort(blurred.long() * 8 + hue_position, stable=True)
+        # Then by the operation at each position, so that neighbours often take the same blend there.
+        key = (blurred.long() * 5 + hue_position) * 625
+        for position in range(4):
+            key += (operations[:, position] + 1) * 5 ** (3 - position)
+        sorted_order = torch.argsort(key, stable=True)
         return cls(
             order=sorted_order,
+            order_list=sorted_order.tolist(),
             operations=operations[sorted_order].tolist(),
             hue_position=hue_position[sorted_order].tolist(),
             gray=gray[sorted_order].tolist(),
@@ -1123,6 +1184,36 @@ class _ColorPlan:
             blurred=blurred[sorted_order].tolist(),
             weights=weights[sorted_order].float(),
         )
+
+    def steps(self, start: int, stop: int) -> list[tuple[str, int, int, Any]]:
+        """The calls that colour the sorted views [start, stop), in order, as (step, first, last, argument) over runs
+        [first, last) of views: ("blend", ..., (position, operation)) for each jitter position and each of brightness,
+        contrast and saturation, so that no view pays for a term it does not use; ("hue", ..., position); then
+        "gray", "clamp" and "blur" (argument None)."""
+        steps = []
+        rows = slice(start, stop)
+        for position in range(4):
+            taken = [operations[position] for operations in self.operations[rows]]
+            for operation, first, last in _groups(taken, start):
+                if operation == 3:
+                    steps.append(("hue", first, last, position))
+                elif operation >= 0:
+                    steps.append(("blend", first, last, (position, operation)))
+        for step, flags in (("gray", self.gray), ("clamp", self.unclamped), ("blur", self.blurred)):
+            steps += [(step, first, last, None) for first, last in _runs(flags[rows], start)]
+        return steps
+
+
+class _ScratchPlanes(dict):
+    """k -> the first k views of each scratch plane, sliced once per k (a slice costs as much as a small pass)."""
+
+    def __init__(self, planes: Sequence[torch.Tensor]):
+        super().__init__()
+        self.planes = planes
+
+    def __missing__(self, count: int) -> Sequence[torch.Tensor]:
+        self[count] = _planes(self.planes, count)
+        return self[count]
 
 
 def _color_all_positions(views: torch.Tensor, weights: torch.Tensor, hue_at: torch.Tensor) -> torch.Tensor:
@@ -1236,58 +1327,57 @@ class ViewAugmentation:
         weights = plan.weights.to(device, non_blocking=True)
         hue_at = torch.tensor([[hue == position for position in range(4)] for hue in plan.hue_position], device=device)
         colored = self._compiled(views.index_select(0, order), weights, hue_at).clamp_(0.0, 1.0)
-        blurred = _runs(plan.blurred)
-        for first, last in blurred:
-            sigmas = weights[first:last, 15]
-            _gaussian_blur_(colored[first:last], sigmas, self.color.blur_kernel_size)
+        if any(plan.blurred):
+            taps = _blur_taps(weights[:, 15], self.color.blur_kernel_size)
+        for first, last in _runs(plan.blurred):
+            _gaussian_blur_(colored[first:last], taps[:, first:last])
         return out.index_copy_(0, order, colored)
 
     def _color_chunks(self, views: torch.Tensor, plan: _ColorPlan, out: torch.Tensor) -> torch.Tensor:
-        """Each chunk of the sorted views is gathered from `views`, coloured, and written to `out` in place."""
+        """Each chunk of the sorted views is gathered from `views`, coloured by `plan.steps`, and written to `out`."""
         n, channels, height, width = views.shape
         device = views.device
         order = plan.order.to(device, non_blocking=True)
-        weights = plan.weights.to(device, non_blocking=True)
-        scales, luma_weights, mean_weights = weights[:, 0:4], weights[:, 4:8], weights[:, 8:12]
-        shifts, keep, gray, sigmas = weights.unbind(1)[12:16]
+        # One (n, 1, 1, 1) column per weight, so that a run's weights are one slice.
+        columns = plan.weights.t().contiguous().to(device, non_blocking=True).view(16, n, 1, 1, 1).unbind(0)
+        scales, mean_weights = columns[0:4], columns[8:12]
+        shifts, keep, sigmas = columns[12], columns[13], columns[15]
+        if any(plan.blurred):
+            taps = _blur_taps(sigmas.view(-1), self.color.blur_kernel_size)
         size = max(1, _CHUNK_PIXELS.get(device.type, _ACCELERATOR_CHUNK_PIXELS) // (height * width))
-        chunk_buffer, scratch, blur_buffers = self._workspace(min(size, n), views, self.color.blur_kernel_size)
+        chunk_buffer, planes, blur_buffers = self._workspace(min(size, n), views, self.color.blur_kernel_size)
+        # index_copy_ is serial on a CPU, ~3x slower there than one copy per view.
+        per_view = device.type == "cpu"
+        targets, rows = (out.unbind(0), chunk_buffer.unbind(0)) if per_view else (None, None)
         for start in range(0, n, size):
             stop = min(start + size, n)
-            index = order[start:stop]
-            chunk = torch.index_select(views, 0, index, out=chunk_buffer[: stop - start])
-            rows = slice(start, stop)
-            for position in range(4):
-                taken = [operations[position] for operations in plan.operations[rows]]
-                # Only the runs of views that blend here: those rotating their hue, or not jittered, are skipped.
-                for first, last in _runs([0 <= operation < 3 for operation in taken]):
-                    span, taken_here = slice(start + first, start + last), taken[first:last]
-                    _blend_(
-                        chunk[first:last],
-                        scales[span, position],
-                        luma_weights[span, position] if 2 in taken_here else None,
-                        mean_weights[span, position] if 1 in taken_here else None,
-                        scratch[0],
-                    )
-                for first, last in _runs([hue == position for hue in plan.hue_position[rows]]):
-                    _rotate_hue_(chunk[first:last], shifts[start + first : start + last], scratch)
-            for first, last in _runs(plan.gray[rows]):
-                span = slice(start + first, start + last)
-                _blend_(chunk[first:last], keep[span], gray[span], None, scratch[0])
-            for first, last in _runs(plan.unclamped[rows]):
-                chunk[first:last].clamp_(0.0, 1.0)
-            for first, last in _runs(plan.blurred[rows]):
-                blur_sigmas = sigmas[start + first : start + last]
-                _gaussian_blur_(chunk[first:last], blur_sigmas, self.color.blur_kernel_size, blur_buffers)
-            if device.type == "cpu":  # index_copy_ is serial there: ~3x slower than one copy per view
-                for row, view in enumerate(plan.order[rows].tolist()):
-                    out[view].copy_(chunk[row])
+            chunk = torch.index_select(views, 0, order[start:stop], out=chunk_buffer[: stop - start])
+            for step, first, last, argument in plan.steps(start, stop):
+                run, span = chunk[first - start : last - start], slice(first, last)
+                if step == "blend" and argument[1] == 2:
+                    _toward_luma_(run, scales[argument[0]][span], planes[last - first][0])
+                elif step == "blend":
+                    position, operation = argument
+                    mean = mean_weights[position][span] if operation == 1 else None
+                    _blend_(run, scales[position][span], None, mean, planes[last - first][0])
+                elif step == "hue":
+                    _rotate_hue_(run, shifts[span], planes[last - first])
+                elif step == "gray":
+                    _toward_luma_(run, keep[span], planes[last - first][0])
+                elif step == "clamp":
+                    run.clamp_(0.0, 1.0)
+                else:
+                    _gaussian_blur_(run, taps[:, span], blur_buffers)
+            if per_view:
+                for row, view in zip(rows, plan.order_list[start:stop]):
+                    targets[view].copy_(row)
             else:
-                out.index_copy_(0, index, chunk)
+                out.index_copy_(0, order[start:stop], chunk)
         return out
 
     def _workspace(self, size: int, views: torch.Tensor, kernel_size: int) -> tuple:
-        """A chunk buffer (size, 3, h, w), seven scratch planes (size, h, w) and `_blur_buffers` for `views`' shape.
+        """A chunk buffer (size, 3, h, w); the seven (k, 1, h, w) scratch planes of k views, by k <= size (slices of
+        one allocation, made on first use); `_BlurBuffers` for `views`' shape.
 
         On a CPU they are kept for the next batch: glibc hands large blocks back to the system on free, and faulting
         fresh pages in costs as much as the work on them. Accelerators have caching allocators.
@@ -1296,10 +1386,11 @@ class ViewAugmentation:
         key = (views.device, views.dtype, size, channels, height, width, kernel_size)
         if key in self._buffers:
             return self._buffers[key]
+        scratch = torch.empty((7, size, 1, height, width), dtype=views.dtype, device=views.device).unbind(0)
         buffers = (
             torch.empty((size, channels, height, width), dtype=views.dtype, device=views.device),
-            torch.empty((7, size, height, width), dtype=views.dtype, device=views.device).unbind(0),
-            _blur_buffers(size, channels, height, width, kernel_size, views),
+            _ScratchPlanes(scratch),
+            _BlurBuffers(size, channels, height, width, kernel_size // 2, views),
         )
         if views.device.type == "cpu":
             self._buffers[key] = buffers
