@@ -938,8 +938,11 @@ def _planes(scratch: Sequence[torch.Tensor], n: int) -> Sequence[torch.Tensor]:
     return scratch if scratch[0].shape[0] == n else [plane[:n] for plane in scratch]
 
 
-def _luma_into(views: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """(n, 3, h, w) views -> their (n, 1, h, w) luma written into `out`, computed as torchvision's rgb_to_grayscale."""
+def _luma_into(views: torch.Tensor, plane: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(n, 3, h, w) views -> their (n, 1, h, w) luma, computed as torchvision's rgb_to_grayscale, written into the
+    first n views of `plane` ((>= n, 1, h, w) scratch; None: allocated)."""
+    n = views.shape[0]
+    out = views.new_empty((n, 1, *views.shape[2:])) if plane is None else _planes((plane,), n)[0]
     red, green, blue = views.unsqueeze(2).unbind(1)
     torch.mul(red, _LUMA[0], out=out)
     return out.add_(green, alpha=_LUMA[1]).add_(blue, alpha=_LUMA[2])
@@ -962,9 +965,7 @@ def _blend_(
     device; None for all zeros (the pass is skipped). `plane`: (>= n, 1, h, w) scratch (None: allocated).
     """
     if luma_weights is not None:
-        if plane is None:
-            plane = views.new_empty((views.shape[0], 1, *views.shape[2:]))
-        luma = _luma_into(views, _planes((plane,), views.shape[0])[0])
+        luma = _luma_into(views, plane)
     if mean_weights is not None:
         # The mean of the luma image is the luma of the channel means: no luma image needed for it.
         mean_luma = views.mean((-2, -1)) @ _constant(_LUMA, views)
@@ -981,9 +982,7 @@ def _toward_luma_(views: torch.Tensor, factors: torch.Tensor, plane: Optional[to
     """Saturation with per-view `factors` ((n,) or (n, 1, 1, 1)), in place on (n, 3, h, w) views in [0, 1]:
     ``clamp(factor * views + (1 - factor) * luma(views), 0, 1)``, the `_blend_` form (s, 1 - s, 0) in one pass
     (`lerp`, float rounding apart); factor 0 is grayscale, luma exactly. `plane`: (>= n, 1, h, w) scratch."""
-    if plane is None:
-        plane = views.new_empty((views.shape[0], 1, *views.shape[2:]))
-    luma = _luma_into(views, _planes((plane,), views.shape[0])[0])
+    luma = _luma_into(views, plane)
     return torch.lerp(luma, views, _per_view(factors), out=views).clamp_(0.0, 1.0)
 
 
@@ -1126,9 +1125,10 @@ _ACCELERATOR_CHUNK_PIXELS = 256 * 224 * 224
 class _ColorPlan:
     """The host's reading of a group's `view_parameters`: which view takes what, in an order that batches well.
 
-    Views are sorted by (blurred, position of the hue rotation), so the views rotating their hue at one jitter position
-    are at most two runs of a chunk and the blurred views its tail. Per-view weights (`_blend_`'s form) are in
-    `weights`, rows in that order.
+    Views are sorted by (blurred, position of the hue rotation, then the operation at each jitter position), so the
+    views rotating their hue at one jitter position sit together, neighbours often take the same blend at a position
+    (`steps`), and the blurred views are the tail. Per-view weights (`_blend_`'s form) are in `weights`, rows in that
+    order.
     """
 
     order: torch.Tensor  # (n,) view indices, sorted
@@ -1245,11 +1245,12 @@ class ViewAugmentation:
     Takes a batch of `MultiViewCrops` items (after `collate_views`, on the accelerator) and applies each view's
     `ColorAugmentation` with its own parameters, without a Python loop over views. The host reads the parameters once
     (`_ColorPlan`) and sorts the views so that those rotating their hue at the same jitter position, and those blurred,
-    sit together; then, chunk by chunk of that order: at each of the four jitter positions one pass of `_blend_`
-    (brightness, contrast and saturation are one per-view affine form, a view taking another operation there is left
-    exactly as it is) and one hue rotation per run of views; grayscale through `_blend_`; the clamp where the last step
-    was not a blend; one blur of the blurred run, each view with its own kernel. Views of the same size form one group
-    (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`, in place.
+    sit together; then, chunk by chunk of that order (`_ColorPlan.steps`): at each of the four jitter positions one
+    call per run of views taking the same operation there (brightness or contrast through `_blend_`, saturation
+    through `_toward_luma_`, hue through `_rotate_hue_`); grayscale through `_toward_luma_`; the clamp where the last
+    step was not a blend; one blur of the blurred run, each view with its own kernel. Views of the same size form one
+    group (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`, in
+    place.
 
     Chunks: on a CPU a few views at a time (the chunk and its scratch stay in cache), on an accelerator up to
     `_ACCELERATOR_CHUNK_PIXELS`. A view's result does not depend on its chunk or batch (tested).
