@@ -998,7 +998,7 @@ def _rotate_hue_(
     views: torch.Tensor, shifts: torch.Tensor, scratch: Optional[Sequence[torch.Tensor]] = None
 ) -> torch.Tensor:
     """Rotate the hue of (n, 3, h, w) views in [0, 1] by `shifts` ((n,) or (n, 1, 1, 1)) turns, through HSV as
-    torchvision's adjust_hue, in place. `scratch`: seven (>= n, 1, h, w) planes (None: allocated).
+    torchvision's adjust_hue, in place. `scratch`: five (>= n, 1, h, w) planes (None: allocated).
 
     No HSV image is built: the hue comes from the sector of the largest channel, with the sector masks as float
     weights (boolean selects are slow on CPUs), and each output channel is ``min + chroma * clamp(|k - 2| - 1, 0, 1)``
@@ -1007,31 +1007,31 @@ def _rotate_hue_(
     n = views.shape[0]
     red, green, blue = views.unsqueeze(2).unbind(1)
     if scratch is None:
-        scratch = views.new_empty((7, n, 1, *views.shape[2:])).unbind(0)
-    value, low, chroma, red_max, green_max, hue, term = _planes(scratch, n)
+        scratch = views.new_empty((5, n, 1, *views.shape[2:])).unbind(0)
+    # Five planes, each reused once its value is dead: less scratch for the cache to hold beside the chunk.
+    value, chroma, hue, term, mask = _planes(scratch, n)
     torch.maximum(torch.maximum(red, green, out=value), blue, out=value)
-    torch.minimum(torch.minimum(red, green, out=low), blue, out=low)
-    torch.sub(value, low, out=chroma)
-    # Where red, and green, is the largest channel: weights 1.0 / 0.0.
-    torch.ge(red, value, out=red_max)
-    torch.ge(green, value, out=green_max)
+    torch.minimum(torch.minimum(red, green, out=chroma), blue, out=chroma)
+    torch.sub(value, chroma, out=chroma)
     # hue * chroma in sixths of a turn: the blue sector's (r - g + 4 chroma), replaced by the green sector's
-    # (b - r + 2 chroma) where green is largest, then by the red sector's (g - b) where red is, so ties go to red, then
-    # green, as torchvision's. A lerp with weight exactly 0 or 1 returns one of its ends exactly.
+    # (b - r + 2 chroma) where green is the largest channel, then by the red sector's (g - b) where red is (masks
+    # 1.0 / 0.0), so ties go to red, then green, as torchvision's. A lerp with weight exactly 0 or 1 returns one of
+    # its ends exactly.
     torch.sub(red, green, out=hue).add_(chroma, alpha=4.0)
     torch.sub(blue, red, out=term).add_(chroma, alpha=2.0)
-    torch.lerp(hue, term, green_max, out=hue)
-    torch.lerp(hue, torch.sub(green, blue, out=term), red_max, out=hue)
+    torch.lerp(hue, term, torch.ge(green, value, out=mask), out=hue)
+    torch.lerp(hue, torch.sub(green, blue, out=term), torch.ge(red, value, out=mask), out=hue)
     # The hue in sixths of a turn. For a grey pixel hue * chroma is 0 and any finite hue will do: its chroma cancels
     # the hue below.
     hue.div_(torch.clamp(chroma, min=1e-12, out=term))
     offsets = _constant(_HUE_OFFSETS, views, (1, 3, 1, 1)) + _per_view(shifts)
     torch.add(offsets, hue, alpha=1.0 / 6.0, out=views)
     # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6)
-    # = (min - chroma) + 6 chroma clamp(|k - 2| / 6, 1/6, 1/3), one pass fewer over the three channels.
+    # = (min - chroma) + 6 chroma clamp(|k - 2| / 6, 1/6, 1/3), one pass fewer over the three channels; and
+    # min - chroma = max - 2 chroma.
     views.frac_().sub_(0.5).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
-    low.sub_(chroma)
-    return torch.addcmul(low, views, chroma.mul_(6.0), out=views)
+    value.sub_(chroma, alpha=2.0)
+    return torch.addcmul(value, views, chroma.mul_(6.0), out=views)
 
 
 def _blur_taps(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
@@ -1044,11 +1044,22 @@ def _blur_taps(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
     return kernels[:, radius:].t().reshape(radius + 1, -1, 1, 1, 1)
 
 
+# A tap at most this weight is left out of a blur: the Gaussian's tail beyond it weighs less than twice it, so the two
+# sides of the two passes change a value in [0, 1] by less than 3e-8, a quarter of float32's spacing at 1.
+_NEGLIGIBLE_TAP = 2.0**-28
+
+
+def _blur_radii(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """(n,) sigmas -> (n,) int64: how many taps on each side of each view's `_blur_taps` weigh more than
+    `_NEGLIGIBLE_TAP` (at most kernel_size // 2): a sigma of 0.6 needs 3 of a 9-tap kernel's 4, one of 0.1 none."""
+    return (_blur_taps(sigmas, kernel_size)[1:].flatten(1) > _NEGLIGIBLE_TAP).sum(0)
+
+
 class _BlurBuffers(dict):
     """Scratch for `_gaussian_blur_` on up to `size` (channels, height, width) views with a kernel of `radius`: the
-    views padded across, padded down, and a pair sum. Indexed by a view count n, it gives what the passes over n
-    views read and write (the shifted windows of each padded buffer, its borders with the insides they reflect, the
-    pair sum), cut once per n: a cut costs as much as a pass over a small view.
+    views padded across and padded down. Indexed by a view count n, it gives what the passes over n views read and
+    write (the shifted windows of each padded buffer, its borders with the insides they reflect), cut once per n: a
+    cut costs as much as a pass over a small view.
     """
 
     def __init__(self, size: int, channels: int, height: int, width: int, radius: int, like: torch.Tensor):
@@ -1056,7 +1067,6 @@ class _BlurBuffers(dict):
         self.radius = radius
         self.across = like.new_empty((size, channels, height, width + 2 * radius))
         self.down = like.new_empty((size, channels, height + 2 * radius, width))
-        self.pair = like.new_empty((size, channels, height, width))
 
     def __missing__(self, n: int) -> tuple:
         radius = self.radius
@@ -1069,33 +1079,36 @@ class _BlurBuffers(dict):
                 (padded.narrow(dim, radius + size, radius), padded.narrow(dim, size - 1, radius)),
             ]
             passes.append((dim, windows, borders))
-        self[n] = (passes, self.pair[:n])
+        self[n] = passes
         return self[n]
 
 
 def _gaussian_blur_(views: torch.Tensor, taps: torch.Tensor, buffers: Optional[_BlurBuffers] = None) -> torch.Tensor:
     """Blur each of the (n, 3, h, w) views with its own kernel, in place: across then down, each pass a sum of the
     views shifted by each tap over a reflect-padded copy (the 2-D kernel torchvision uses is the outer product of the
-    two 1-D ones). The kernel is symmetric, so each pass adds the pairs of taps at the same distance first.
-    `taps`: the views' `_blur_taps`; `buffers`: `_BlurBuffers` for >= n views (None: allocated).
+    two 1-D ones). `taps`: the views' `_blur_taps`, or its first rows (the taps at larger distances left out, see
+    `_blur_radii`); `buffers`: `_BlurBuffers` for >= n views and a radius >= the taps' (None: allocated).
 
     Shifted sums rather than a depthwise convolution: a convolution with one kernel per plane is fast only
-    channels-last, and the two transposing copies to and from that layout cost more than the sums.
+    channels-last, and the two transposing copies to and from that layout cost more than the sums. Each shifted view
+    is one `addcmul_`: adding the symmetric pairs first is as many passes and needs one more buffer in cache.
     """
     radius = taps.shape[0] - 1
+    if radius == 0:
+        return views.mul_(taps[0])
     if buffers is None:
         buffers = _BlurBuffers(views.shape[0], *views.shape[1:], radius, views)
-    (across, down), pair = buffers[views.shape[0]]
-    taps = taps.unbind(0)
+    across, down = buffers[views.shape[0]]
+    taps, center = taps.unbind(0), buffers.radius
     # The views into the inside of the across buffer; the across pass writes the inside of the down buffer.
-    across[1][radius].copy_(views)
-    for (dim, windows, borders), result in ((across, down[1][radius]), (down, views)):
+    across[1][center].copy_(views)
+    for (dim, windows, borders), result in ((across, down[1][center]), (down, views)):
         for border, inside in borders:
             border.copy_(inside.flip(dim))
-        torch.mul(windows[radius], taps[0], out=result)
+        torch.mul(windows[center], taps[0], out=result)
         for distance in range(1, radius + 1):
-            torch.add(windows[radius - distance], windows[radius + distance], out=pair)
-            result.addcmul_(pair, taps[distance])
+            result.addcmul_(windows[center - distance], taps[distance])
+            result.addcmul_(windows[center + distance], taps[distance])
     return views
 
 
@@ -1125,10 +1138,10 @@ _ACCELERATOR_CHUNK_PIXELS = 256 * 224 * 224
 class _ColorPlan:
     """The host's reading of a group's `view_parameters`: which view takes what, in an order that batches well.
 
-    Views are sorted by (blurred, position of the hue rotation, then the operation at each jitter position), so the
-    views rotating their hue at one jitter position sit together, neighbours often take the same blend at a position
-    (`steps`), and the blurred views are the tail. Per-view weights (`_blend_`'s form) are in `weights`, rows in that
-    order.
+    Views are sorted by (blurred and the taps their blur needs, most first; position of the hue rotation; then the
+    operation at each jitter position), so the views rotating their hue at one jitter position sit together,
+    neighbours often take the same blend at a position (`steps`), and the blurred views are the tail, those whose
+    kernel is narrow (`_blur_radii`) last. Per-view weights (`_blend_`'s form) are in `weights`, rows in that order.
     """
 
     order: torch.Tensor  # (n,) view indices, sorted
@@ -1137,7 +1150,7 @@ class _ColorPlan:
     hue_position: list  # per sorted view, the position of its hue rotation (4: none)
     gray: list
     unclamped: list  # per sorted view: its last step is not a `_blend_` (which clamps), so it needs the clamp
-    blurred: list
+    blur_radius: list  # per sorted view: the taps per side its blur needs (`_blur_radii`); -1: not blurred
     weights: torch.Tensor  # (n, 16) float32: scales (4), luma weights (4), mean weights (4), shift, keep, gray, sigma
 
     @classmethod
@@ -1152,6 +1165,8 @@ class _ColorPlan:
         hue_position = torch.where(is_hue.any(1), is_hue.long().argmax(1), 4)
         gray = host[:, COLOR_GRAY] > 0.5
         blurred = host[:, COLOR_BLUR] > 0.5
+        sigmas = host[:, COLOR_SIGMA].float()  # as the device computes the taps from `weights`
+        blur_radius = torch.where(blurred, _blur_radii(sigmas, color.blur_kernel_size), -1)
         # A hue rotation can end a view 1 ulp outside [0, 1], and the input itself is not checked.
         applied = operations >= 0
         last = torch.where(applied.any(1), 3 - applied.flip(1).long().argmax(1), -1)
@@ -1170,7 +1185,8 @@ class _ColorPlan:
             dim=1,
         )
         # Then by the operation at each position, so that neighbours often take the same blend there.
-        key = (blurred.long() * 5 + hue_position) * 625
+        blur_rank = torch.where(blurred, color.blur_kernel_size // 2 + 1 - blur_radius, 0)
+        key = (blur_rank * 5 + hue_position) * 625
         for position in range(4):
             key += (operations[:, position] + 1) * 5 ** (3 - position)
         sorted_order = torch.argsort(key, stable=True)
@@ -1181,7 +1197,7 @@ class _ColorPlan:
             hue_position=hue_position[sorted_order].tolist(),
             gray=gray[sorted_order].tolist(),
             unclamped=unclamped[sorted_order].tolist(),
-            blurred=blurred[sorted_order].tolist(),
+            blur_radius=blur_radius[sorted_order].tolist(),
             weights=weights[sorted_order].float(),
         )
 
@@ -1189,7 +1205,8 @@ class _ColorPlan:
         """The calls that colour the sorted views [start, stop), in order, as (step, first, last, argument) over runs
         [first, last) of views: ("blend", ..., (position, operation)) for each jitter position and each of brightness,
         contrast and saturation, so that no view pays for a term it does not use; ("hue", ..., position); then
-        "gray", "clamp" and "blur" (argument None)."""
+        "gray" and "clamp" (argument None), and ("blur", ..., radius) for each run of blurred views needing as many
+        taps."""
         steps = []
         rows = slice(start, stop)
         for position in range(4):
@@ -1199,9 +1216,15 @@ class _ColorPlan:
                     steps.append(("hue", first, last, position))
                 elif operation >= 0:
                     steps.append(("blend", first, last, (position, operation)))
-        for step, flags in (("gray", self.gray), ("clamp", self.unclamped), ("blur", self.blurred)):
+        for step, flags in (("gray", self.gray), ("clamp", self.unclamped)):
             steps += [(step, first, last, None) for first, last in _runs(flags[rows], start)]
-        return steps
+        steps += [("blur", first, last, radius) for radius, first, last in _groups(self.blur_radius[rows], start)]
+        return [step for step in steps if step[0] != "blur" or step[3] >= 0]
+
+    @property
+    def blurred(self) -> list:
+        """Per sorted view: whether it is blurred."""
+        return [radius >= 0 for radius in self.blur_radius]
 
 
 class _ScratchPlanes(dict):
@@ -1368,7 +1391,7 @@ class ViewAugmentation:
                 elif step == "clamp":
                     run.clamp_(0.0, 1.0)
                 else:
-                    _gaussian_blur_(run, taps[:, span], blur_buffers)
+                    _gaussian_blur_(run, taps[: argument + 1, span], blur_buffers)
             if per_view:
                 for row, view in zip(rows, plan.order_list[start:stop]):
                     targets[view].copy_(row)
@@ -1377,7 +1400,7 @@ class ViewAugmentation:
         return out
 
     def _workspace(self, size: int, views: torch.Tensor, kernel_size: int) -> tuple:
-        """A chunk buffer (size, 3, h, w); the seven (k, 1, h, w) scratch planes of k views, by k <= size (slices of
+        """A chunk buffer (size, 3, h, w); the five (k, 1, h, w) scratch planes of k views, by k <= size (slices of
         one allocation, made on first use); `_BlurBuffers` for `views`' shape.
 
         On a CPU they are kept for the next batch: glibc hands large blocks back to the system on free, and faulting
@@ -1387,7 +1410,7 @@ class ViewAugmentation:
         key = (views.device, views.dtype, size, channels, height, width, kernel_size)
         if key in self._buffers:
             return self._buffers[key]
-        scratch = torch.empty((7, size, 1, height, width), dtype=views.dtype, device=views.device).unbind(0)
+        scratch = torch.empty((5, size, 1, height, width), dtype=views.dtype, device=views.device).unbind(0)
         buffers = (
             torch.empty((size, channels, height, width), dtype=views.dtype, device=views.device),
             _ScratchPlanes(scratch),

@@ -162,6 +162,23 @@ def test_blur_matches_torchvision_with_reflected_borders(size, kernel_size):
     torch.testing.assert_close(blurred, expected, atol=1e-6, rtol=0)
 
 
+def test_blur_leaves_out_only_taps_too_light_to_matter():
+    from stellar_hf.data import _NEGLIGIBLE_TAP, _blur_radii, _blur_taps, _gaussian_blur_
+
+    sigmas = torch.tensor([0.1, 0.2, 0.4, 0.6, 0.8, 2.0])
+    radii = _blur_radii(sigmas, 9).tolist()
+    assert radii == [0, 1, 2, 3, 4, 4]
+    taps = _blur_taps(sigmas, 9)
+    for index, radius in enumerate(radii):
+        assert (taps[radius + 1 :, index] <= _NEGLIGIBLE_TAP).all()
+        assert (taps[1 : radius + 1, index] > _NEGLIGIBLE_TAP).all()
+    views = torch.rand(len(sigmas), 3, 20, 17, generator=torch.Generator().manual_seed(2))
+    full = _gaussian_blur_(views.clone(), taps)
+    for index, radius in enumerate(radii):
+        short = _gaussian_blur_(views[index : index + 1].clone(), taps[: radius + 1, index : index + 1])
+        torch.testing.assert_close(short, full[index : index + 1], atol=3e-8, rtol=0)
+
+
 def test_chunks_colour_each_view_as_one_batch_does(monkeypatch):
     # On a CPU the views go through in chunks of a few; a view's colours must not depend on its chunk.
     import stellar_hf.data as data
