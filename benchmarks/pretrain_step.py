@@ -42,11 +42,12 @@ Two comparisons, because the implementations put the colour augmentation in diff
     module-level `random_color_blur` replaced by the identity (its local views always get it, there is no switch);
     ours gets views that the data pipeline already coloured.
 (b) `full step`: each implementation as it trains. The original colours its 4 x 8 global and 4 x 8 local views
-    inside `forward` (one parameter draw per call, batched); ours colours each view in the data pipeline
-    (`MultiViewTransform`, DataLoader workers, one parameter draw per view). Our number is the model step plus the
-    colour work for the same views (timed as `MultiViewTransform(color_augment=True)` minus `color_augment=False`
-    on the same crops, summed over the batch): in real training that work runs in worker processes, in parallel
-    with the model, so this sum is a pessimistic, serial bound.
+    inside `forward` (one parameter draw per call, batched); ours as `examples/pretrain.py` does by default: the
+    DataLoader workers crop in uint8 (`MultiViewCrops`, one parameter draw per view) and the training process
+    colours the whole batch on the model's device before the forward (`ViewAugmentation`). Our number is the model
+    step plus that colour work for the same views, timed on the model's device with the worker's threads as
+    `ViewAugmentation()` minus `ViewAugmentation(color=None)` (uint8 -> float and normalisation alone) on the same
+    crops: it runs in the training process, in series with the model.
 
 Each implementation runs in its own worker process (so peak memory is its own); the parent sends one command at a
 time, so only one side runs at any moment, and alternates the order every round (ours, theirs, theirs, ours, ...)
@@ -384,7 +385,7 @@ class OursWorker(Worker):
         import transformers
 
         from stellar_hf import StellarConfig
-        from stellar_hf.data import MultiViewTransform, normalize
+        from stellar_hf.data import ColorAugmentation, MultiViewCrops, ViewAugmentation, collate_views, normalize
         from stellar_hf.modeling_stellar import StellarForPreTraining
 
         args = self.args
@@ -407,14 +408,16 @@ class OursWorker(Worker):
         self.model = StellarForPreTraining(self.config).to(self.device)
         # Masking noise: drawn on the model's device like the original's, from a generator re-seeded every step.
         self.mask_generator = self.torch.Generator(device=self.device)
-        self.transforms = {
-            flag: MultiViewTransform(
-                image_size=args.image_size,
-                num_global_views=args.num_masked_views,
-                num_local_views=args.num_local_views,
-                local_image_size=args.local_image_size,
-                color_augment=flag,
-            )
+        self.crops = MultiViewCrops(
+            image_size=args.image_size,
+            num_global_views=args.num_masked_views,
+            num_local_views=args.num_local_views,
+            local_image_size=args.local_image_size,
+        )
+        self.collate_views = collate_views
+        # With and without colour; both turn the uint8 crops into normalised floats, so the difference is the colour.
+        self.augmentations = {
+            flag: ViewAugmentation(ColorAugmentation() if flag else None, self.config.image_mean, self.config.image_std)
             for flag in (True, False)
         }
         height, width = (int(v) for v in args.source_size.lower().split("x"))
@@ -441,36 +444,29 @@ class OursWorker(Worker):
         return self.forward_model(**inputs).loss
 
     def color(self) -> dict:
-        """Data-side colour work for one batch: transform(colour) - transform(no colour), same seeds, summed."""
+        """The colour work of one batch on the model's device, as the training loop does it before the forward:
+        `ViewAugmentation()` minus `ViewAugmentation(color=None)` on the same crops (new draws every round)."""
         self.color_round += 1
-        totals = {"wall": 0.0, "cpu": 0.0, "wall_with": 0.0, "wall_without": 0.0}
-        # DataLoader workers run with one torch thread (PyTorch sets it): time the colour work the same way. (Many
-        # small ops on several threads are also very slow when other jobs share the cores.)
-        threads = self.torch.get_num_threads()
-        self.torch.set_num_threads(1)
-        try:
-            self._color_batch(totals)
-        finally:
-            self.torch.set_num_threads(threads)
-        return totals
-
-    def _color_batch(self, totals: dict) -> None:
-        for index, image in enumerate(self.source_images):
-            seed = self.args.seed * 1_000_003 + self.color_round * 1_009 + index
-            times = {}
-            order = (True, False) if (self.color_round + index) % 2 == 0 else (False, True)
-            for flag in order:
-                start_cpu, start = time.process_time(), time.perf_counter()
-                views = self.transforms[flag](image, seed=seed)
-                views = {key: self.normalize(value) for key, value in views.items()}  # main process, see `loss`
-                times[flag] = (
-                    time.perf_counter() - start,
-                    time.process_time() - start_cpu,
-                )
-            totals["wall"] += times[True][0] - times[False][0]
-            totals["cpu"] += times[True][1] - times[False][1]
-            totals["wall_with"] += times[True][0]
-            totals["wall_without"] += times[False][0]
+        items = [
+            self.crops(image, seed=self.args.seed * 1_000_003 + self.color_round * 1_009 + index)
+            for index, image in enumerate(self.source_images)
+        ]
+        batch = {
+            key: value.to(self.device) for key, value in self.collate_views(items).items() if self.torch.is_tensor(value)
+        }
+        times = {}
+        for flag in (True, False) if self.color_round % 2 else (False, True):
+            self.synchronize()
+            start_cpu, start = time.process_time(), time.perf_counter()
+            self.augmentations[flag](batch)
+            self.synchronize()
+            times[flag] = (time.perf_counter() - start, time.process_time() - start_cpu)
+        return {
+            "wall": times[True][0] - times[False][0],
+            "cpu": times[True][1] - times[False][1],
+            "wall_with": times[True][0],
+            "wall_without": times[False][0],
+        }
 
 
 class OriginalWorker(Worker):
@@ -826,7 +822,7 @@ def main(argv: list[str] | None = None) -> dict:
         full = {
             "wall_median_s": ours_model["wall_median_s"] + color["wall_median_s"],
             "cpu_median_s": ours_model["cpu_median_s"] + color["cpu_median_s"],
-            "note": "ours/model + ours/color (colour work that real training runs in DataLoader workers)",
+            "note": "ours/model + ours/color (the colour work runs on the model's device before the forward)",
         }
         result["timings"]["ours/full"] = full
     ratios = {}
@@ -847,10 +843,6 @@ def main(argv: list[str] | None = None) -> dict:
             ratios["full_step_time_min"] = ratio(
                 ours_model["wall_min_s"] + rows["ours/color"]["wall_min_s"],
                 original_full["wall_min_s"],
-            )
-            # Colour work off the training process (DataLoader workers): the model step is what the trainer waits for.
-            ratios["full_step_time_colour_in_workers"] = ratio(
-                ours_model["wall_median_s"], original_full["wall_median_s"]
             )
         ratios["peak_memory_model"] = ratio(
             memory[("ours", "model")]["peak_bytes"],
@@ -939,7 +931,7 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
             f"{rss / mib if rss else float('nan'):>9.1f}"
         )
     if "ours/full" in result["timings"]:
-        print("(ours/full = ours/model + ours/color; in training the colour work runs in DataLoader workers)")
+        print("(ours/full = ours/model + ours/color; the colour work runs on the model's device before the forward)")
     ratios = result["ratios"]
     if ratios:
         print(
@@ -951,7 +943,6 @@ def print_report(result: dict, profiles: dict, losses: dict) -> None:
             print(
                 f"                 (b) full step {ratios['full_step_time']:.3f} (cpu {ratios['full_step_cpu_time']:.3f}, "
                 f"min {ratios['full_step_time_min']:.3f}); "
-                f"with the colour work in workers {ratios['full_step_time_colour_in_workers']:.3f}; "
                 f"peak memory {ratios.get('peak_memory_full', float('nan')):.3f}"
             )
         print(
