@@ -1271,9 +1271,9 @@ class ViewAugmentation:
     sit together; then, chunk by chunk of that order (`_ColorPlan.steps`): at each of the four jitter positions one
     call per run of views taking the same operation there (brightness or contrast through `_blend_`, saturation
     through `_toward_luma_`, hue through `_rotate_hue_`); grayscale through `_toward_luma_`; the clamp where the last
-    step was not a blend; one blur of the blurred run, each view with its own kernel. Views of the same size form one
-    group (global and local views are two). Then uint8 -> float and normalisation with `image_mean` / `image_std`, in
-    place.
+    step was not a blend; one blur per run of blurred views needing as many taps (`_blur_radii`), each view with its
+    own kernel. Views of the same size form one group (global and local views are two). Then uint8 -> float and
+    normalisation with `image_mean` / `image_std`, in place.
 
     Chunks: on a CPU a few views at a time (the chunk and its scratch stay in cache), on an accelerator up to
     `_ACCELERATOR_CHUNK_PIXELS`. A view's result does not depend on its chunk or batch (tested).
