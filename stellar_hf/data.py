@@ -1218,8 +1218,8 @@ class _ColorPlan:
                     steps.append(("blend", first, last, (position, operation)))
         for step, flags in (("gray", self.gray), ("clamp", self.unclamped)):
             steps += [(step, first, last, None) for first, last in _runs(flags[rows], start)]
-        steps += [("blur", first, last, radius) for radius, first, last in _groups(self.blur_radius[rows], start)]
-        return [step for step in steps if step[0] != "blur" or step[3] >= 0]
+        blur_runs = _groups(self.blur_radius[rows], start)
+        return steps + [("blur", first, last, radius) for radius, first, last in blur_runs if radius >= 0]
 
     @property
     def blurred(self) -> list:
