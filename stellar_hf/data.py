@@ -1021,17 +1021,16 @@ def _rotate_hue_(
     torch.sub(blue, red, out=term).add_(chroma, alpha=2.0)
     torch.lerp(hue, term, torch.ge(green, value, out=mask), out=hue)
     torch.lerp(hue, torch.sub(green, blue, out=term), torch.ge(red, value, out=mask), out=hue)
-    # The hue in sixths of a turn. For a grey pixel hue * chroma is 0 and any finite hue will do: its chroma cancels
-    # the hue below.
-    hue.div_(torch.clamp(chroma, min=1e-12, out=term))
+    # The hue in sixths of a turn is hue * chroma / chroma: one `addcdiv` with the offsets. For a grey pixel
+    # hue * chroma is 0 and any finite hue will do: its chroma cancels the hue below.
     offsets = _constant(_HUE_OFFSETS, views, (1, 3, 1, 1)) + _per_view(shifts)
-    torch.add(offsets, hue, alpha=1.0 / 6.0, out=views)
+    torch.addcdiv(offsets, hue, torch.clamp(chroma, min=1e-12, out=term), value=1.0 / 6.0, out=views)
     # |k - 2| / 6 = |frac(...) - 1/2|; channel = min + 6 chroma clamp(|k - 2| / 6 - 1/6, 0, 1/6)
     # = (min - chroma) + 6 chroma clamp(|k - 2| / 6, 1/6, 1/3), one pass fewer over the three channels; and
     # min - chroma = max - 2 chroma.
     views.frac_().sub_(0.5).abs_().clamp_(1.0 / 6.0, 1.0 / 3.0)
     value.sub_(chroma, alpha=2.0)
-    return torch.addcmul(value, views, chroma.mul_(6.0), out=views)
+    return torch.addcmul(value, views, chroma, value=6.0, out=views)
 
 
 def _blur_taps(sigmas: torch.Tensor, kernel_size: int) -> torch.Tensor:
