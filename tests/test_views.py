@@ -163,7 +163,7 @@ def test_blur_matches_torchvision_with_reflected_borders(size, kernel_size):
 
 
 def test_blur_leaves_out_only_taps_too_light_to_matter():
-    from stellar_hf.data import _NEGLIGIBLE_TAP, _blur_radii, _blur_taps, _gaussian_blur_
+    from stellar_hf.data import _NEGLIGIBLE_TAP, _BlurBuffers, _blur_radii, _blur_taps, _gaussian_blur_
 
     sigmas = torch.tensor([0.1, 0.2, 0.4, 0.6, 0.8, 2.0])
     radii = _blur_radii(sigmas, 9).tolist()
@@ -175,8 +175,12 @@ def test_blur_leaves_out_only_taps_too_light_to_matter():
     views = torch.rand(len(sigmas), 3, 20, 17, generator=torch.Generator().manual_seed(2))
     full = _gaussian_blur_(views.clone(), taps)
     for index, radius in enumerate(radii):
-        short = _gaussian_blur_(views[index : index + 1].clone(), taps[: radius + 1, index : index + 1])
+        view, short_taps = views[index : index + 1], taps[: radius + 1, index : index + 1]
+        short = _gaussian_blur_(view.clone(), short_taps)
         torch.testing.assert_close(short, full[index : index + 1], atol=3e-8, rtol=0)
+        # As the chunks call it: buffers padded for the whole kernel, fewer taps.
+        padded_for_all = _BlurBuffers(1, 3, 20, 17, 4, views)
+        torch.testing.assert_close(_gaussian_blur_(view.clone(), short_taps, padded_for_all), short, atol=0, rtol=0)
 
 
 def test_chunks_colour_each_view_as_one_batch_does(monkeypatch):
