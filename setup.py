@@ -31,7 +31,8 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["stellar_hf", "stellar_hf.*"]),
-    package_data={"stellar_hf": ["MODEL_CARD.md"]},
+    # view_kernels.c: built on first use on the machine that runs it (stellar_hf.native).
+    package_data={"stellar_hf": ["MODEL_CARD.md", "view_kernels.c"]},
     install_requires=BASE,
     extras_require={"train": TRAIN, "eval": EVAL, "demo": DEMO, "dev": DEV},
     classifiers=[

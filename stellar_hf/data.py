@@ -26,6 +26,7 @@ import itertools
 import logging
 import math
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
@@ -41,6 +42,7 @@ from torchvision.transforms import InterpolationMode
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .image_processing_stellar import evaluation_resize, normalize_images, to_rgb_image
+from .native import require_view_kernels, view_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -1133,6 +1135,25 @@ _CHUNK_PIXELS = {"cpu": 3 * 224 * 224}
 _ACCELERATOR_CHUNK_PIXELS = 256 * 224 * 224
 
 
+def _read_parameters(host: torch.Tensor, color: ColorAugmentation) -> tuple[torch.Tensor, ...]:
+    """What each view takes, from its (n, COLOR_PARAMETERS) float64 host parameters, for both batched paths.
+
+    Returns: operations (n, 4) int64, the jitter operation at each position (0 brightness, 1 contrast, 2 saturation,
+    3 hue; -1 none: jitter not drawn, or an operation of strength 0); factors (n, 4) float64, that operation's factor
+    (the hue's shift); gray (n,) bool; blur_radius (n,) int64, the taps per side the view's blur needs (`_blur_radii`
+    of its float32 sigma, as the device computes the taps), -1 when not blurred.
+    """
+    active = torch.tensor([strength > 0 for strength in color.strengths])
+    order = host[:, COLOR_ORDER].long()
+    jitter = host[:, COLOR_JITTER] > 0.5
+    operations = torch.where(jitter[:, None] & active[order], order, -1)
+    factors = host[:, COLOR_FACTORS].gather(1, operations.clamp(min=0))
+    gray = host[:, COLOR_GRAY] > 0.5
+    blurred = host[:, COLOR_BLUR] > 0.5
+    blur_radius = torch.where(blurred, _blur_radii(host[:, COLOR_SIGMA].float(), color.blur_kernel_size), -1)
+    return operations, factors, gray, blur_radius
+
+
 @dataclass
 class _ColorPlan:
     """The host's reading of a group's `view_parameters`: which view takes what, in an order that batches well.
@@ -1155,17 +1176,10 @@ class _ColorPlan:
     @classmethod
     def of(cls, parameters: torch.Tensor, color: ColorAugmentation) -> "_ColorPlan":
         host = parameters.detach().to("cpu", torch.float64)
-        active = torch.tensor([strength > 0 for strength in color.strengths])
-        order = host[:, COLOR_ORDER].long()
-        jitter = host[:, COLOR_JITTER] > 0.5
-        operations = torch.where(jitter[:, None] & active[order], order, -1)
-        factors = host[:, COLOR_FACTORS].gather(1, operations.clamp(min=0))
+        operations, factors, gray, blur_radius = _read_parameters(host, color)
+        blurred = blur_radius >= 0
         is_hue = operations == 3
         hue_position = torch.where(is_hue.any(1), is_hue.long().argmax(1), 4)
-        gray = host[:, COLOR_GRAY] > 0.5
-        blurred = host[:, COLOR_BLUR] > 0.5
-        sigmas = host[:, COLOR_SIGMA].float()  # as the device computes the taps from `weights`
-        blur_radius = torch.where(blurred, _blur_radii(sigmas, color.blur_kernel_size), -1)
         # A hue rotation can end a view 1 ulp outside [0, 1], and the input itself is not checked.
         applied = operations >= 0
         last = torch.where(applied.any(1), 3 - applied.flip(1).long().argmax(1), -1)
@@ -1265,7 +1279,15 @@ class ViewAugmentation:
     """The device part of the pretraining views: one batched colour augmentation of every view, then normalisation.
 
     Takes a batch of `MultiViewCrops` items (after `collate_views`, on the accelerator) and applies each view's
-    `ColorAugmentation` with its own parameters, without a Python loop over views. The host reads the parameters once
+    `ColorAugmentation` with its own parameters, without a Python loop over views.
+
+    On a CPU (float32 views) the views go through fused C kernels (`stellar_hf/view_kernels.c`, built on first use by
+    `stellar_hf.native`): per view, the jitter, grayscale and clamp in one pass over tiles that stay in L1 (one more
+    before each contrast, for its mean) and the blur in two, following torchvision's operations step by step; the
+    views are split over `torch.get_num_threads()` threads. Where the kernels cannot be built (no C compiler) a
+    warning says why and the eager path below takes over: the same values to float rounding, some 2x slower.
+
+    The eager path (accelerators, and CPUs without the kernels): the host reads the parameters once
     (`_ColorPlan`) and sorts the views so that those rotating their hue at the same jitter position, and those blurred,
     sit together; then, chunk by chunk of that order (`_ColorPlan.steps`): at each of the four jitter positions one
     call per run of views taking the same operation there (brightness or contrast through `_blend_`, saturation
@@ -1283,7 +1305,11 @@ class ViewAugmentation:
         image_mean, image_std: the model's normalisation (`config.image_mean`, `config.image_std`).
         compile: run the jitter as one fixed `torch.compile` graph per group (`_color_all_positions`) instead of the
             eager chunks; the first batch takes the compile time (~20-60 s). Not yet measured on an accelerator; on
-            a CPU inductor's code for it is slower than the eager chunks (docs/benchmarks.md).
+            a CPU inductor's code for it is slower than the eager chunks (docs/benchmarks.md). With compile set, CPU
+            views take the compiled graph too (compile with native=True is refused as contradictory).
+        native: None (default): the CPU kernels for CPU views where they build, else the eager path with a warning;
+            True: the kernels or an error saying why not (`stellar_hf.native.NativeKernelsUnavailable`, or ValueError
+            for views they do not take); False: always the eager path.
 
     Call: ``augment(batch)`` with ``global_crops`` (B, M, 3, S, S) uint8, ``local_crops`` (B, K, 3, s, s) uint8 and
     ``view_parameters`` (B, M + K, COLOR_PARAMETERS), all on one device. Returns the model's inputs on that device,
@@ -1297,19 +1323,24 @@ class ViewAugmentation:
         image_mean: Sequence[float] = IMAGENET_MEAN,
         image_std: Sequence[float] = IMAGENET_STD,
         compile: bool = False,
+        native: Optional[bool] = None,
     ):
         self.color = color
         self.image_mean = tuple(image_mean)
         self.image_std = tuple(image_std)
+        if compile and native:
+            raise ValueError("compile=True and native=True ask for two different kernels; set one of them")
         self.compile = compile
+        self.native = native
         self._buffers: dict = {}
+        self._pool: Optional[tuple[int, int, ThreadPoolExecutor]] = None  # (pid, threads, pool)
         # Compiled, the jitter runs as one fixed graph over whole groups (`_color_all_positions`); eager, in chunks.
         self._compiled = torch.compile(_color_all_positions, dynamic=True) if compile else None
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(color={self.color}, image_mean={self.image_mean}, image_std={self.image_std}, "
-            f"compile={self.compile})"
+            f"compile={self.compile}, native={self.native})"
         )
 
     def color_views(
@@ -1328,8 +1359,16 @@ class ViewAugmentation:
                              f"{tuple(out.shape)}, {out.dtype}, {out.device}")  # fmt: skip
         if not out.is_contiguous():
             raise ValueError("the views are coloured into a contiguous tensor; out (or views, in place) is not")
+        if views.dim() != 4 or views.shape[1] != 3:
+            raise ValueError(f"views must be (n, 3, height, width) RGB, got shape {tuple(views.shape)}")
+        if tuple(parameters.shape) != (views.shape[0], COLOR_PARAMETERS):
+            raise ValueError(f"parameters must be (n, {COLOR_PARAMETERS}) for n = {views.shape[0]} views, got shape "
+                             f"{tuple(parameters.shape)}")  # fmt: skip
         if self.color is None or views.shape[0] == 0:
             return out if out is views else out.copy_(views)
+        library = self._native_kernels(views)
+        if library is not None:
+            return self._color_native(library, views, parameters, out)
         plan = _ColorPlan.of(parameters, self.color)
         if self._compiled is None:
             return self._color_chunks(views, plan, out)
@@ -1343,6 +1382,63 @@ class ViewAugmentation:
     def color_views_(self, views: torch.Tensor, parameters: torch.Tensor) -> torch.Tensor:
         """`color_views` in place on `views` (contiguous), which it returns."""
         return self.color_views(views, parameters, out=views)
+
+    def _native_kernels(self, views: torch.Tensor) -> Optional[Any]:
+        """The CPU kernels when these views take them (`native` and the views: float32 on a CPU, each side longer
+        than the blur's radius, as reflect padding needs), else None; `native=True` raises where they do not."""
+        if self.native is False or (self.native is None and self.compile):
+            return None
+        fits = views.device.type == "cpu" and views.dtype == torch.float32
+        fits = fits and min(views.shape[-2:]) > self.color.blur_kernel_size // 2
+        if not fits:
+            if self.native:
+                raise ValueError(f"native=True colours float32 views on a CPU, each side longer than "
+                                 f"{self.color.blur_kernel_size // 2} pixels; got {views.dtype} "
+                                 f"{tuple(views.shape)} on {views.device}")  # fmt: skip
+            return None
+        return require_view_kernels() if self.native else view_kernels()
+
+    def _color_native(self, library: Any, views: torch.Tensor, parameters: torch.Tensor, out: torch.Tensor):
+        """Colour with the fused CPU kernels (`stellar_hf/view_kernels.c`), views in their own order, split over
+        `torch.get_num_threads()` threads (the kernels release the GIL; a view's values do not depend on the split)."""
+        n, _, height, width = views.shape
+        views = views.contiguous()
+        host = parameters.detach().to("cpu", torch.float64)
+        operations, factors, gray, blur_radius = _read_parameters(host, self.color)
+        # The C side reads them as dense int32 and float32 arrays.
+        integers = (operations, gray, blur_radius)
+        operations, gray, blur_radius = [values.to(torch.int32).contiguous() for values in integers]
+        factors = factors.float().contiguous()
+        # (n, kernel_size // 2 + 1): each view's weights at distance 0, 1, ... (rows of views not blurred unread).
+        taps = _blur_taps(host[:, COLOR_SIGMA].float(), self.color.blur_kernel_size).flatten(1).t().contiguous()
+
+        def color_range(first: int, last: int) -> None:
+            scratch = torch.empty(height * width, dtype=torch.float32)
+            library.stellar_color_views(
+                views[first].data_ptr(), out[first].data_ptr(), last - first, height, width,
+                operations[first].data_ptr(), factors[first].data_ptr(), gray[first:].data_ptr(),
+                blur_radius[first:].data_ptr(), taps[first].data_ptr(), taps.shape[1], scratch.data_ptr(),
+            )  # fmt: skip
+
+        threads = min(torch.get_num_threads(), n)
+        if threads <= 1:
+            color_range(0, n)
+            return out
+        bounds = [n * part // threads for part in range(threads + 1)]
+        for future in [self._thread_pool(threads).submit(color_range, first, last)
+                       for first, last in zip(bounds[:-1], bounds[1:]) if last > first]:  # fmt: skip
+            future.result()
+        return out
+
+    def _thread_pool(self, threads: int) -> ThreadPoolExecutor:
+        """A pool of `threads` threads, made again after a fork (a forked child has none of its parent's threads)."""
+        if self._pool is None or self._pool[:2] != (os.getpid(), threads):
+            self._pool = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="stellar-views"))
+        return self._pool[2]
+
+    def __getstate__(self) -> dict:
+        # Threads and scratch memory are this process's; a copy (or another process) makes its own.
+        return {**self.__dict__, "_pool": None, "_buffers": {}}
 
     def _color_compiled(self, views: torch.Tensor, plan: _ColorPlan, out: torch.Tensor) -> torch.Tensor:
         device = views.device

@@ -32,6 +32,17 @@ def vqgan_parity_dir() -> Path:
     return _parity_dir("vqgan")
 
 
+@pytest.fixture
+def native_kernels():
+    """The CPU view kernels (`stellar_hf.native`), built if need be; skips, with the reason, where they cannot be."""
+    from stellar_hf import native
+
+    library = native.view_kernels()
+    if library is None:
+        pytest.skip(f"the CPU view kernels are unavailable here: {native.why_unavailable()}")
+    return library
+
+
 def pytest_collection_modifyitems(config, items):
     """CI (CI=true) skips tests marked `slow`; RUN_SLOW=1 runs them anyway."""
     import os

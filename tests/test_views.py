@@ -103,12 +103,15 @@ def test_colour_parameters_follow_the_settings():
         dict(jitter_p=1.0, brightness=0.0, saturation=0.0, blur_kernel_size=5),  # operations of strength 0 skipped
     ],
 )
-def test_batched_colour_matches_the_per_view_reference(settings):
-    # The same float views through both implementations of the colour operations: float rounding apart, equal.
+@pytest.mark.parametrize("native", [False, True], ids=["eager", "native"])
+def test_batched_colour_matches_the_per_view_reference(settings, native, request):
+    # The same float views through the implementations of the colour operations: float rounding apart, equal.
+    if native:
+        request.getfixturevalue("native_kernels")
     reference = MultiViewTransform(
         48, 4, 4, 24, **{("color_jitter_p" if key == "jitter_p" else key): value for key, value in settings.items()}
     )
-    augmentation = ViewAugmentation(reference.color)
+    augmentation = ViewAugmentation(reference.color, native=native)
     views, parameters = [], []
     for seed in range(6):
         image = torch.from_numpy(np.array(scene(64, seed))).permute(2, 0, 1).float() / 255
@@ -192,10 +195,10 @@ def test_chunks_colour_each_view_as_one_batch_does(monkeypatch):
     parameters = torch.cat(
         [reference.draw(40, 40, torch.Generator().manual_seed(seed)).color_parameters for seed in range(4)]
     )[:23]
-    whole = ViewAugmentation(reference.color).color_views(views, parameters)
+    whole = ViewAugmentation(reference.color, native=False).color_views(views, parameters)
     for pixels in (40 * 40, 3 * 40 * 40, 7 * 40 * 40):  # chunks of 1, 3 and 7 views: runs cut at chunk edges
         monkeypatch.setitem(data._CHUNK_PIXELS, "cpu", pixels)
-        augmentation = ViewAugmentation(reference.color)
+        augmentation = ViewAugmentation(reference.color, native=False)
         torch.testing.assert_close(augmentation.color_views(views, parameters), whole, atol=1e-6, rtol=0)
         # The kept buffers serve the next batch alike, and another view size gets its own.
         torch.testing.assert_close(augmentation.color_views(views, parameters), whole, atol=1e-6, rtol=0)
@@ -290,5 +293,5 @@ def test_a_failed_compile_falls_back_to_eager(monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="stellar_hf.data"):
         inputs = augmentation(batch)
     assert "running it eagerly" in caplog.text
-    for key, value in ViewAugmentation()(batch).items():
+    for key, value in ViewAugmentation(native=False)(batch).items():
         assert torch.equal(inputs[key], value)

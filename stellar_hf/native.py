@@ -1,0 +1,211 @@
+"""The CPU kernels of the view augmentation (`view_kernels.c`), built on first use and loaded through ctypes.
+
+`ViewAugmentation` colours views on a CPU with one fused pass per view (`view_kernels.c`) instead of some forty torch
+operations. The C file is plain C99 with no torch headers, so building it takes well under a second; it is built once
+per machine and source, with the C compiler the environment names (``$CC``, else Python's, else ``cc``), into a cache
+folder (``$STELLAR_HF_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/stellar_hf/kernels``, else ``~/.cache/...``).
+
+Where no compiler is found or the build fails, `view_kernels` says why once (a warning naming the compiler and its
+message) and returns None, and the views are coloured by the eager torch path: the same values to float rounding,
+more slowly. ``STELLAR_HF_NATIVE=0`` turns the kernels off.
+
+The build writes a temporary file beside the cached library and renames it into place, so a build killed at any
+point leaves either no library or a whole one; a library that does not load (a file damaged after the fact) is
+rebuilt once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("view_kernels.c")
+# -ffp-contract=off: no fused multiply-adds the source does not write, so each rounding stays torchvision's;
+# -fno-trapping-math lets the compiler compute both sides of a select, which is what vectorises the hue rotation
+# (it changes no value, only whether floating-point exceptions may be raised).
+FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math")
+# The vector instructions to build for, by the capability torch detected on this CPU (the library is cached per
+# capability, so a cache folder shared by machines of different CPUs never hands one an instruction it lacks).
+_ARCHITECTURE_FLAGS = {"AVX512": ("-march=x86-64-v4",), "AVX2": ("-march=x86-64-v3",)}
+BUILD_TIMEOUT_S = 120
+
+_ARGUMENT_TYPES = (
+    ctypes.c_void_p,  # views
+    ctypes.c_void_p,  # out
+    ctypes.c_int64,  # count
+    ctypes.c_int64,  # height
+    ctypes.c_int64,  # width
+    ctypes.c_void_p,  # operations
+    ctypes.c_void_p,  # factors
+    ctypes.c_void_p,  # gray
+    ctypes.c_void_p,  # blur_radius
+    ctypes.c_void_p,  # taps
+    ctypes.c_int64,  # taps_stride
+    ctypes.c_void_p,  # scratch
+)
+
+_lock = threading.Lock()
+_loaded: dict = {}  # cache folder -> (library or None, reason)
+
+
+class NativeKernelsUnavailable(RuntimeError):
+    """The CPU view kernels could not be built or loaded here; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$STELLAR_HF_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/stellar_hf/kernels``
+    (``~/.cache`` when unset)."""
+    if os.environ.get("STELLAR_HF_KERNEL_CACHE"):
+        return Path(os.environ["STELLAR_HF_KERNEL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stellar_hf" / "kernels"
+
+
+def compiler() -> list[str]:
+    """The C compiler command: ``$CC`` (split as a shell would), else the one Python was built with if it is on the
+    PATH, else ``cc``."""
+    if os.environ.get("CC"):
+        return shlex.split(os.environ["CC"])
+    configured = shlex.split(sysconfig.get_config_var("CC") or "")
+    if configured and shutil.which(configured[0]):
+        return configured
+    return ["cc"]
+
+
+def _architecture_flags() -> tuple[str, ...]:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ()
+    return _ARCHITECTURE_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
+
+
+def _build_flags() -> tuple[str, ...]:
+    return (*FLAGS, *_architecture_flags())
+
+
+def library_path(folder: Optional[Path] = None) -> Path:
+    """Where the library for this machine, compiler and source is (or would be) cached in `folder` (default
+    `cache_dir()`)."""
+    return _library_path(cache_dir() if folder is None else folder, compiler(), _build_flags())
+
+
+def _library_path(folder: Path, command: list[str], flags: tuple[str, ...]) -> Path:
+    """The cached library's path, named by a hash of everything that decides its contents."""
+    try:
+        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(command).encode(), version.encode(), " ".join(flags).encode(),
+                 platform.machine().encode(), platform.system().encode()):  # fmt: skip
+        key.update(part)
+        key.update(b"\0")
+    suffix = ".dll" if platform.system() == "Windows" else ".so"
+    return folder / f"view_kernels-{key.hexdigest()[:16]}{suffix}"
+
+
+def _build(path: Path, command: list[str], flags: tuple[str, ...]) -> None:
+    """Compile the source into `path`: into a temporary file in the same folder, renamed over `path` when whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path.parent)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        try:
+            result = subprocess.run(
+                [*command, *flags, str(SOURCE), "-o", temporary],
+                capture_output=True,
+                text=True,
+                timeout=BUILD_TIMEOUT_S,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            raise NativeKernelsUnavailable(f"could not run the C compiler {command!r}: {error}") from error
+        if result.returncode != 0:
+            message = (result.stderr or result.stdout).strip()[-2000:]
+            raise NativeKernelsUnavailable(f"the C compiler {command!r} failed on {SOURCE.name}: {message}")
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Remove what builds killed midway left (older than any build still running could be)."""
+    for leftover in folder.glob(".view_kernels-*.tmp"):
+        try:
+            if time.time() - leftover.stat().st_mtime > 2 * BUILD_TIMEOUT_S:
+                leftover.unlink()
+        except OSError:  # removed by another process meanwhile
+            pass
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    library = ctypes.CDLL(str(path))
+    function = library.stellar_color_views
+    function.argtypes = _ARGUMENT_TYPES
+    function.restype = None
+    return library
+
+
+def view_kernels() -> Optional[ctypes.CDLL]:
+    """The loaded kernels (built first if this machine has none cached), or None where they cannot be had here; the
+    first failure is logged as a warning with its reason (`why_unavailable` returns it)."""
+    try:
+        return require_view_kernels()
+    except NativeKernelsUnavailable:
+        return None
+
+
+def why_unavailable() -> Optional[str]:
+    """Why `view_kernels` returned None (None when it did not, or was not yet called)."""
+    entry = _loaded.get(cache_dir())
+    return entry[1] if entry else None
+
+
+def require_view_kernels() -> ctypes.CDLL:
+    """`view_kernels`, raising `NativeKernelsUnavailable` with the reason instead of returning None."""
+    folder = cache_dir()
+    with _lock:
+        if folder not in _loaded:
+            _loaded[folder] = _build_and_load(folder)
+            if _loaded[folder][0] is None:
+                logger.warning(
+                    "the CPU view kernels are unavailable (%s); views are coloured by the eager torch path: the same "
+                    "values, more slowly",
+                    _loaded[folder][1],
+                )
+        library, reason = _loaded[folder]
+    if library is None:
+        raise NativeKernelsUnavailable(reason)
+    return library
+
+
+def _build_and_load(folder: Path) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
+    if os.environ.get("STELLAR_HF_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, "turned off by STELLAR_HF_NATIVE"
+    command, flags = compiler(), _build_flags()
+    try:
+        path = _library_path(folder, command, flags)
+        if path.exists():
+            try:
+                return _load(path), None
+            except OSError as error:
+                logger.warning("the cached view kernels %s do not load (%s); rebuilding them", path, error)
+        _build(path, command, flags)
+        return _load(path), None
+    except (NativeKernelsUnavailable, OSError) as error:
+        return None, str(error)
