@@ -143,8 +143,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=("auto", "yes", "no"),
         default="auto",
         help=(
-            "torch.compile the batched colour augmentation into one fixed graph per view size (auto: no, the eager "
-            "chunks until an accelerator measurement favours the graph; see docs/benchmarks.md)"
+            "torch.compile the batched colour augmentation into one fixed graph per view size (auto: no: on a CPU "
+            "the fused C kernels, on an accelerator the eager chunks until a measurement there favours the graph; "
+            "see docs/benchmarks.md)"
         ),
     )
 

@@ -104,7 +104,8 @@ static void rotate_hue(float *restrict red, float *restrict green, float *restri
         float p = clamp01(one_minus_s * maxc);
         float v = maxc;
         /* By sextant 0..5, (r, g, b) = (v,t,p) (q,v,p) (p,v,t) (p,q,v) (t,p,v) (v,p,q). */
-        red[i] = pick(sextant < 1.0f, v, pick(sextant < 2.0f, q, pick(sextant < 4.0f, p, pick(sextant < 5.0f, t, v))));
+        float later = pick(sextant < 4.0f, p, pick(sextant < 5.0f, t, v));
+        red[i] = pick(sextant < 1.0f, v, pick(sextant < 2.0f, q, later));
         green[i] = pick(sextant < 1.0f, t, pick(sextant < 3.0f, v, pick(sextant < 4.0f, q, p)));
         blue[i] = pick(sextant < 2.0f, p, pick(sextant < 3.0f, t, pick(sextant < 5.0f, v, q)));
     }
@@ -248,10 +249,15 @@ void stellar_color_views(const float *views, float *out, int64_t count, int64_t 
         int radius = blur_radius[v];
         if (radius < 0) continue;
         const float *view_taps = taps + v * taps_stride;
-        for (int channel = 0; channel < 3; channel++) {
+        /* A grayscale view's three planes are equal: one is blurred, and copied. */
+        for (int channel = 0; channel < (gray[v] ? 1 : 3); channel++) {
             float *plane = target + channel * pixels;
             blur_across(plane, scratch, height, width, view_taps, radius);
             blur_down(scratch, plane, height, width, view_taps, radius);
+        }
+        if (gray[v]) {
+            memcpy(target + pixels, target, pixels * sizeof(float));
+            memcpy(target + 2 * pixels, target, pixels * sizeof(float));
         }
     }
 }
