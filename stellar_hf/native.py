@@ -41,8 +41,13 @@ SOURCE = Path(__file__).with_name("view_kernels.c")
 # (it changes no value, only whether floating-point exceptions may be raised).
 FLAGS = ("-O3", "-std=c99", "-shared", "-fPIC", "-ffp-contract=off", "-fno-trapping-math")
 # The vector instructions to build for, by the capability torch detected on this CPU (the library is cached per
-# capability, so a cache folder shared by machines of different CPUs never hands one an instruction it lacks).
-_ARCHITECTURE_FLAGS = {"AVX512": ("-march=x86-64-v4",), "AVX2": ("-march=x86-64-v3",)}
+# capability, so a cache folder shared by machines of different CPUs never hands one an instruction it lacks): the
+# x86-64 levels where the compiler knows them (GCC 11+, clang 12+), else the same extensions one by one, else none.
+_AVX2 = ("-mavx2", "-mfma", "-mbmi2", "-mf16c")
+_ARCHITECTURE_FLAGS = {
+    "AVX512": (("-march=x86-64-v4",), (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl"), ()),
+    "AVX2": (("-march=x86-64-v3",), _AVX2, ()),
+}
 BUILD_TIMEOUT_S = 120
 
 _ARGUMENT_TYPES = (
@@ -70,10 +75,15 @@ class NativeKernelsUnavailable(RuntimeError):
 
 def cache_dir() -> Path:
     """Where built kernels are kept: ``$STELLAR_HF_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/stellar_hf/kernels``
-    (``~/.cache`` when unset)."""
+    (``~/.cache`` when unset; the temporary folder when there is no home either)."""
     if os.environ.get("STELLAR_HF_KERNEL_CACHE"):
         return Path(os.environ["STELLAR_HF_KERNEL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stellar_hf" / "kernels"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "stellar_hf" / "kernels"
+    try:
+        return Path.home() / ".cache" / "stellar_hf" / "kernels"
+    except RuntimeError:  # no $HOME and no password entry (some containers)
+        return Path(tempfile.gettempdir()) / "stellar_hf-kernels"
 
 
 def compiler() -> list[str]:
@@ -87,56 +97,71 @@ def compiler() -> list[str]:
     return ["cc"]
 
 
-def _architecture_flags() -> tuple[str, ...]:
+def _capability() -> str:
+    """The vector extensions to build for: torch's detected CPU capability on x86-64 ("AVX512", "AVX2",
+    "DEFAULT"), the machine's name elsewhere (its compilers' defaults)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return ()
-    return _ARCHITECTURE_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
+        return platform.machine()
+    return torch.backends.cpu.get_cpu_capability()
 
 
-def _build_flags() -> tuple[str, ...]:
-    return (*FLAGS, *_architecture_flags())
+def _flag_choices(capability: str) -> tuple[tuple[str, ...], ...]:
+    """The full flags to try in turn, best first, for `capability`."""
+    return tuple((*FLAGS, *architecture) for architecture in _ARCHITECTURE_FLAGS.get(capability, ((),)))
 
 
 def library_path(folder: Optional[Path] = None) -> Path:
     """Where the library for this machine, compiler and source is (or would be) cached in `folder` (default
     `cache_dir()`)."""
-    return _library_path(cache_dir() if folder is None else folder, compiler(), _build_flags())
+    return _library_path(cache_dir() if folder is None else folder, compiler(), _capability())
 
 
-def _library_path(folder: Path, command: list[str], flags: tuple[str, ...]) -> Path:
+def _library_path(folder: Path, command: list[str], capability: str) -> Path:
     """The cached library's path, named by a hash of everything that decides its contents."""
     try:
         version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         version = ""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(command).encode(), version.encode(), " ".join(flags).encode(),
-                 platform.machine().encode(), platform.system().encode()):  # fmt: skip
+    flags = _flag_choices(capability)
+    for part in (SOURCE.read_bytes(), " ".join(command).encode(), version.encode(), repr(flags).encode(),
+                 capability.encode(), platform.machine().encode(), platform.system().encode()):  # fmt: skip
         key.update(part)
         key.update(b"\0")
     suffix = ".dll" if platform.system() == "Windows" else ".so"
     return folder / f"view_kernels-{key.hexdigest()[:16]}{suffix}"
 
 
-def _build(path: Path, command: list[str], flags: tuple[str, ...]) -> None:
-    """Compile the source into `path`: into a temporary file in the same folder, renamed over `path` when whole."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(path.parent)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _build(path: Path, command: list[str], flag_choices: tuple[tuple[str, ...], ...]) -> None:
+    """Compile the source into `path` with the first of `flag_choices` the compiler takes: into a temporary file in
+    the same folder, made readable by all (a cache shared by several users) and renamed over `path` when whole."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path.parent)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise NativeKernelsUnavailable(
+            f"cannot write the kernel cache {path.parent} ({error}); set STELLAR_HF_KERNEL_CACHE to a writable folder"
+        ) from error
     os.close(handle)
     try:
-        try:
-            result = subprocess.run(
-                [*command, *flags, str(SOURCE), "-o", temporary],
-                capture_output=True,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
-        except (OSError, subprocess.SubprocessError) as error:
-            raise NativeKernelsUnavailable(f"could not run the C compiler {command!r}: {error}") from error
-        if result.returncode != 0:
-            message = (result.stderr or result.stdout).strip()[-2000:]
-            raise NativeKernelsUnavailable(f"the C compiler {command!r} failed on {SOURCE.name}: {message}")
+        failures = []
+        for flags in flag_choices:
+            try:
+                result = subprocess.run(
+                    [*command, *flags, str(SOURCE), "-o", temporary],
+                    capture_output=True,
+                    text=True,
+                    timeout=BUILD_TIMEOUT_S,
+                )
+            except (OSError, subprocess.SubprocessError) as error:
+                raise NativeKernelsUnavailable(f"could not run the C compiler {command!r}: {error}") from error
+            if result.returncode == 0:
+                break
+            failures.append((result.stderr or result.stdout).strip()[-2000:])
+        else:
+            raise NativeKernelsUnavailable(f"the C compiler {command!r} failed on {SOURCE.name}: {failures[0]}")
+        os.chmod(temporary, 0o755)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
@@ -197,15 +222,15 @@ def require_view_kernels() -> ctypes.CDLL:
 def _build_and_load(folder: Path) -> tuple[Optional[ctypes.CDLL], Optional[str]]:
     if os.environ.get("STELLAR_HF_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
         return None, "turned off by STELLAR_HF_NATIVE"
-    command, flags = compiler(), _build_flags()
     try:
-        path = _library_path(folder, command, flags)
+        command, capability = compiler(), _capability()
+        path = _library_path(folder, command, capability)
         if path.exists():
             try:
                 return _load(path), None
             except OSError as error:
                 logger.warning("the cached view kernels %s do not load (%s); rebuilding them", path, error)
-        _build(path, command, flags)
+        _build(path, command, _flag_choices(capability))
         return _load(path), None
-    except (NativeKernelsUnavailable, OSError) as error:
+    except (NativeKernelsUnavailable, OSError, ValueError) as error:  # ValueError: $CC that shlex cannot split
         return None, str(error)

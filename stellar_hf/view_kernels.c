@@ -8,8 +8,12 @@
  * Each operation follows torchvision.transforms.v2.functional on float32 tensors step by step (adjust_brightness,
  * adjust_contrast, adjust_saturation, adjust_hue through HSV, rgb_to_grayscale, gaussian_blur as two 1-D passes over
  * reflect padding), so a view matches the per-view reference (stellar_hf.data.MultiViewTransform) to float32
- * rounding. Built without -ffast-math, so the compiler keeps each rounding; plain C99 with no torch headers, so it
- * compiles in well under a second (stellar_hf/native.py builds it on first use and calls it through ctypes).
+ * rounding. torch fuses `a.add_(b, alpha=w)` into one multiply-add on CPUs that have the instruction; so does this
+ * file there (MULTIPLY_ADD), and nowhere else: it is built without -ffast-math and with contraction off, so every
+ * other rounding is the one the source writes. The blur's 9 x 9 convolution in torchvision sums in another order
+ * than the two 1-D passes here: that, and torch.mean's summation order, are the float rounding left (2e-6 at most,
+ * tested). Plain C99 with no torch headers, so it compiles in well under a second (stellar_hf/native.py builds it on
+ * first use and calls it through ctypes).
  */
 
 #include <math.h>
@@ -23,25 +27,37 @@ enum { BRIGHTNESS = 0, CONTRAST = 1, SATURATION = 2, HUE = 3 };
 
 static inline float clamp01(float value) { return value < 0.0f ? 0.0f : (value > 1.0f ? 1.0f : value); }
 
-/* rgb_to_grayscale's r * 0.2989 + g * 0.587 + b * 0.114, in that order. */
+/* a + b * w as torch's add_(b, alpha=w): one rounding where the CPU has fused multiply-adds, as torch's kernels. */
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+#define MULTIPLY_ADD(a, b, w) fmaf((b), (w), (a))
+#else
+#define MULTIPLY_ADD(a, b, w) ((a) + (b) * (w))
+#endif
+
+/* rgb_to_grayscale: r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114). */
 static inline float luma(float red, float green, float blue) {
-    return (red * 0.2989f + green * 0.587f) + blue * 0.114f;
+    return MULTIPLY_ADD(MULTIPLY_ADD(red * 0.2989f, green, 0.587f), blue, 0.114f);
 }
 
-/* _blend(image, other, ratio) with a constant other: clamp(image * ratio + other_term), other_term the
- * (1 - ratio) * other the caller made once. Brightness is other_term 0, contrast (1 - ratio) * mean. */
-static void blend_constant(float *restrict plane, int64_t count, float ratio, float other_term) {
-    for (int64_t i = 0; i < count; i++) plane[i] = clamp01(plane[i] * ratio + other_term);
+/* adjust_brightness: image.mul(ratio).clamp_(0, 1). */
+static void brighten(float *restrict plane, int64_t count, float ratio) {
+    for (int64_t i = 0; i < count; i++) plane[i] = clamp01(plane[i] * ratio);
+}
+
+/* _blend(image, other, ratio) = image.mul(ratio).add_(other, alpha=rest).clamp_(0, 1), rest = 1 - ratio, for a
+ * constant other (adjust_contrast's mean). */
+static void blend_constant(float *restrict plane, int64_t count, float ratio, float other, float rest) {
+    for (int64_t i = 0; i < count; i++) plane[i] = clamp01(MULTIPLY_ADD(plane[i] * ratio, other, rest));
 }
 
 /* adjust_saturation: _blend with the view's own luma. */
 static void saturate(float *restrict red, float *restrict green, float *restrict blue, int64_t count, float ratio,
                      float rest) {
     for (int64_t i = 0; i < count; i++) {
-        float gray = luma(red[i], green[i], blue[i]) * rest;
-        red[i] = clamp01(red[i] * ratio + gray);
-        green[i] = clamp01(green[i] * ratio + gray);
-        blue[i] = clamp01(blue[i] * ratio + gray);
+        float gray = luma(red[i], green[i], blue[i]);
+        red[i] = clamp01(MULTIPLY_ADD(red[i] * ratio, gray, rest));
+        green[i] = clamp01(MULTIPLY_ADD(green[i] * ratio, gray, rest));
+        blue[i] = clamp01(MULTIPLY_ADD(blue[i] * ratio, gray, rest));
     }
 }
 
@@ -87,8 +103,8 @@ static void rotate_hue(float *restrict red, float *restrict green, float *restri
         float divisor = pick(grey, 1.0f, range);
         float rc = (maxc - r) / divisor, gc = (maxc - g) / divisor, bc = (maxc - b) / divisor;
         float hr = pick(red_max, bc - gc, 0.0f);
-        float hg = pick(!red_max & green_max, (rc + 2.0f) - bc, 0.0f);
-        float hb = pick(!red_max & !green_max, (gc + 4.0f) - rc, 0.0f);
+        float hg = pick((!red_max) & green_max, (rc + 2.0f) - bc, 0.0f);
+        float hb = pick((!red_max) & (!green_max), (gc + 4.0f) - rc, 0.0f);
         float hue = (hr + hg) + hb;
         hue = hue * (1.0f / 6.0f) + 1.0f;
         hue = hue - floor_of(hue); /* fmod(hue, 1) for hue >= 0, exactly */
@@ -119,15 +135,15 @@ static void jitter_tile(float *restrict red, float *restrict green, float *restr
         float factor = factors[position];
         switch (operations[position]) {
             case BRIGHTNESS:
-                blend_constant(red, count, factor, 0.0f);
-                blend_constant(green, count, factor, 0.0f);
-                blend_constant(blue, count, factor, 0.0f);
+                brighten(red, count, factor);
+                brighten(green, count, factor);
+                brighten(blue, count, factor);
                 break;
             case CONTRAST: {
-                float term = mean * (float)(1.0 - (double)factor);
-                blend_constant(red, count, factor, term);
-                blend_constant(green, count, factor, term);
-                blend_constant(blue, count, factor, term);
+                float rest = (float)(1.0 - (double)factor);
+                blend_constant(red, count, factor, mean, rest);
+                blend_constant(green, count, factor, mean, rest);
+                blend_constant(blue, count, factor, mean, rest);
                 break;
             }
             case SATURATION:
