@@ -23,6 +23,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import sysconfig
 import tempfile
@@ -119,8 +120,8 @@ def library_path(folder: Optional[Path] = None) -> Path:
 def _library_path(folder: Path, command: list[str], capability: str) -> Path:
     """The cached library's path, named by a hash of everything that decides its contents."""
     try:
-        version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+        version = _run_compiler([*command, "--version"], timeout=30)[1]
+    except NativeKernelsUnavailable:
         version = ""
     key = hashlib.sha256()
     flags = _flag_choices(capability)
@@ -147,18 +148,10 @@ def _build(path: Path, command: list[str], flag_choices: tuple[tuple[str, ...], 
     try:
         failures = []
         for flags in flag_choices:
-            try:
-                result = subprocess.run(
-                    [*command, *flags, str(SOURCE), "-o", temporary],
-                    capture_output=True,
-                    text=True,
-                    timeout=BUILD_TIMEOUT_S,
-                )
-            except (OSError, subprocess.SubprocessError) as error:
-                raise NativeKernelsUnavailable(f"could not run the C compiler {command!r}: {error}") from error
-            if result.returncode == 0:
+            returncode, output = _run_compiler([*command, *flags, str(SOURCE), "-o", temporary], BUILD_TIMEOUT_S)
+            if returncode == 0:
                 break
-            failures.append((result.stderr or result.stdout).strip()[-2000:])
+            failures.append(output.strip()[-2000:])
         else:
             raise NativeKernelsUnavailable(f"the C compiler {command!r} failed on {SOURCE.name}: {failures[0]}")
         os.chmod(temporary, 0o755)
@@ -166,6 +159,28 @@ def _build(path: Path, command: list[str], flag_choices: tuple[tuple[str, ...], 
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _run_compiler(arguments: list[str], timeout: float) -> tuple[int, str]:
+    """Run the compiler: (exit status, output). On timeout it is killed with the passes it started (cc1, as, ld:
+    its process group), which would otherwise hold its output open."""
+    try:
+        process = subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=hasattr(os, "killpg"))  # fmt: skip
+    except OSError as error:
+        raise NativeKernelsUnavailable(f"could not run the C compiler {arguments[0]!r}: {error}") from error
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except BaseException as error:  # the timeout, or an interrupt: the passes must not outlive the build
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:
+            process.kill()
+        process.communicate()
+        if isinstance(error, subprocess.TimeoutExpired):
+            raise NativeKernelsUnavailable(f"the C compiler {arguments[0]!r} took over {timeout} s") from None
+        raise
+    return process.returncode, output
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

@@ -219,6 +219,29 @@ def test_a_compiler_error_is_reported_with_its_message(fresh_cache, monkeypatch,
     assert libraries(fresh_cache) == []
 
 
+def test_a_compiler_that_hangs_is_killed_with_its_passes(fresh_cache, monkeypatch, tmp_path):
+    # The compiler driver's own children (cc1, as, ld) go with it: here a `sleep` the fake driver started.
+    hanging, started = tmp_path / "cc", tmp_path / "pass.pid"
+    hanging.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exit 1\nsleep 60 &\necho $! > {started}\nwait\n')
+    hanging.chmod(0o755)
+    monkeypatch.setenv("CC", str(hanging))
+    monkeypatch.setattr(native, "BUILD_TIMEOUT_S", 1)
+    with pytest.raises(native.NativeKernelsUnavailable, match="took over 1 s"):
+        native.require_view_kernels()
+    compiler_pass = int(started.read_text())
+    for _ in range(50):  # the kill is delivered at once; reaping by init may take a moment
+        try:
+            os.kill(compiler_pass, 0)
+        except ProcessLookupError:
+            break
+        if open(f"/proc/{compiler_pass}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the compiler's child pass outlived the timeout")
+    assert libraries(fresh_cache) == []
+
+
 # A child that builds the kernels into $STELLAR_HF_KERNEL_CACHE when told to: `native.py` loaded on its own (torch,
 # not the package), so that the parent can time its kill from the start of the build.
 BUILDER = """
