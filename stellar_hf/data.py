@@ -1398,7 +1398,9 @@ class ViewAugmentation:
             return None
         return require_view_kernels() if self.native else view_kernels()
 
-    def _color_native(self, library: Any, views: torch.Tensor, parameters: torch.Tensor, out: torch.Tensor):
+    def _color_native(
+        self, library: Any, views: torch.Tensor, parameters: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
         """Colour with the fused CPU kernels (`stellar_hf/view_kernels.c`), views in their own order, split over
         `torch.get_num_threads()` threads (the kernels release the GIL; a view's values do not depend on the split)."""
         n, _, height, width = views.shape
@@ -1433,6 +1435,8 @@ class ViewAugmentation:
     def _thread_pool(self, threads: int) -> ThreadPoolExecutor:
         """A pool of `threads` threads, made again after a fork (a forked child has none of its parent's threads)."""
         if self._pool is None or self._pool[:2] != (os.getpid(), threads):
+            if self._pool is not None and self._pool[0] == os.getpid():
+                self._pool[2].shutdown(wait=False)  # a new thread count: the old pool's threads are let go
             self._pool = (os.getpid(), threads, ThreadPoolExecutor(threads, thread_name_prefix="stellar-views"))
         return self._pool[2]
 
